@@ -1,0 +1,120 @@
+"""Shared defaults: the paper's base Transformer on WMT14 English->German.
+
+Every experiment config starts from ``get_config()`` here and changes only what
+differs. Launch (the paper's base model; see configs/wmt14_en_de_base.py):
+
+  python -m transformer_jax.main --config=configs/wmt14_en_de_base.py --workdir=/tmp/base
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config(arg=None):
+  del arg
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # Parameter init, dropout and data order all derive from it.
+
+  # Sec 3 / Table 3 base row.
+  config.model = ml_collections.ConfigDict()
+  m = config.model
+  m.num_encoder_layers = 6  # N
+  m.num_decoder_layers = 6  # N
+  m.d_model = 512
+  m.num_heads = 8  # h
+  m.head_dim = config_dict.placeholder(int)  # d_k = d_v; None -> d_model / h.
+  m.d_ff = 2048
+  m.dropout_rate = 0.1  # P_drop: sub-layer outputs and embeddings + positions.
+  m.attention_dropout_rate = 0.0  # tensor2tensor extra, not in the paper.
+  m.relu_dropout_rate = 0.0  # tensor2tensor extra, not in the paper.
+  m.max_len = 256  # Longest source/target (tokens) the position table covers.
+  m.share_embeddings = True  # Sec 3.4: one matrix for both inputs and the softmax.
+  m.layer_norm = 'post'  # 'post' (the paper) or 'pre' (Xiong et al. 2020).
+  m.positions = 'sinusoidal'  # 'sinusoidal' (Sec 3.5) or 'learned' (Table 3 E).
+  m.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16'.
+  m.param_dtype = 'float32'  # Parameters and optimizer state stay fp32.
+  m.attention_impl = 'xla'  # 'xla': jax.nn.dot_product_attention; 'einsum'.
+
+  config.data = ml_collections.ConfigDict()
+  d = config.data
+  d.source = 'tfds'  # 'tfds', 'multi30k' (our TFDS builder) or 'text'.
+  d.tfds_name = 'wmt14_translate/de-en'  # TFDS dataset (for source='tfds').
+  d.source_lang = 'en'
+  d.target_lang = 'de'
+  d.data_dir = config_dict.placeholder(str)  # TFDS data_dir.
+  d.manual_dir = config_dict.placeholder(str)  # TFDS manual_dir (local files).
+  d.train_split = 'train'
+  d.eval_split = 'validation'  # newstest2013 for wmt14.
+  d.test_split = 'test'  # newstest2014 for wmt14.
+  # For source='text': line-aligned files (gzip allowed), source side first.
+  d.train_files = config_dict.placeholder(tuple)
+  d.eval_files = config_dict.placeholder(tuple)
+  d.test_files = config_dict.placeholder(tuple)
+  d.vocab_size = 37000  # Sec 5.1: ~37000 shared BPE tokens for EN-DE.
+  d.vocab_model_type = 'bpe'  # SentencePiece model type ('bpe' or 'unigram').
+  d.vocab_train_sentences = 2_000_000  # Sentences sampled to train the vocabulary.
+  d.vocab_path = config_dict.placeholder(str)  # Reuse this .model instead.
+  d.max_length = 256  # Longest source or target kept (tokens, with EOS).
+  d.too_long = 'drop'  # 'drop' or 'truncate' longer pairs.
+  d.tokens_per_batch = 25000  # Sec 5.1: ~25000 source and target tokens a batch.
+  d.bucket_lengths = (16, 32, 64, 128, 256)  # Padded lengths: one compile each.
+  d.packing = False  # Pack sentences into rows with segment ids instead.
+  d.shuffle_buffer = 10_000
+  d.eval_batch_size = 64  # Sentences per evaluation/decoding batch.
+
+  config.optim = ml_collections.ConfigDict()
+  o = config.optim
+  o.b1 = 0.9  # Sec 5.3: Adam beta1.
+  o.b2 = 0.98  # Sec 5.3: Adam beta2.
+  o.eps = 1e-9  # Sec 5.3: Adam epsilon.
+  o.warmup_steps = 4000  # Sec 5.3.
+  o.learning_rate_scale = 1.0  # Multiplies d_model^-0.5 * min(...), the paper's lrate.
+  o.label_smoothing = 0.1  # Sec 5.4: eps_ls.
+  o.grad_accum_steps = 1  # optax.MultiSteps: micro-batches per update.
+  o.clip_grad_norm = 0.0  # 0 disables; the paper does not clip.
+  o.weight_decay = 0.0
+
+  config.train = ml_collections.ConfigDict()
+  t = config.train
+  t.num_steps = 100_000  # Sec 5.2: base 100k steps, big 300k.
+  t.log_every_steps = 100
+  t.eval_every_steps = 1000  # Dev loss/perplexity.
+  t.bleu_every_steps = 0  # Dev BLEU with beam search; 0 = only at the end.
+  t.eval_max_batches = 0  # 0 = the whole dev split.
+  t.bleu_max_sentences = 0  # 0 = the whole split.
+  t.profile = False
+
+  config.checkpoint = ml_collections.ConfigDict()
+  c = config.checkpoint
+  c.every_steps = 5000
+  c.every_minutes = 10.0  # Sec 6.1: checkpoints at 10-minute intervals.
+  c.max_to_keep = 20  # Enough to average the last 20 (big model).
+  c.async_save = True
+
+  config.mesh = ml_collections.ConfigDict()
+  mesh = config.mesh
+  mesh.data = -1  # Pure data parallelism by default.
+  mesh.fsdp = 1
+  mesh.tensor = 1
+  # Logical axis -> mesh axes. Heads and the FFN hidden layer split over 'tensor';
+  # weights over 'fsdp'; the batch over ('data', 'fsdp').
+  mesh.rules = (
+      ('vocab', 'tensor'),
+      ('embed', 'fsdp'),
+      ('heads', 'tensor'),
+      ('head_dim', None),
+      ('mlp', 'tensor'),
+      ('act_batch', ('data', 'fsdp')),
+      ('act_length', None),
+      ('act_embed', None),
+      ('act_heads', 'tensor'),
+      ('act_mlp', 'tensor'),
+  )
+
+  config.eval = ml_collections.ConfigDict()
+  e = config.eval
+  e.beam_size = 4  # Sec 6.1.
+  e.length_penalty = 0.6  # Sec 6.1: alpha, GNMT form ((5 + |Y|) / 6)^alpha.
+  e.max_extra_length = 50  # Sec 6.1: output length <= input length + 50.
+  e.average_last = 5  # Sec 6.1: base averages the last 5 checkpoints, big 20.
+  return config
