@@ -1,0 +1,743 @@
+"""The Transformer of "Attention Is All You Need" (Vaswani et al., 2017), Section 3.
+
+Flax NNX modules, top to bottom as the paper builds them:
+
+  TransformerConfig        the hyper-parameters of Sec 3 / Table 3, from config.model
+  sinusoidal_positions     Sec 3.5's positional encoding
+  Embedding                Sec 3.4: token embeddings x sqrt(d_model), shared with the softmax
+  PositionalEncoding       sinusoidal (Sec 3.5) or learned (Table 3 row E)
+  MultiHeadAttention       Sec 3.2.2, scaled dot-product attention of Sec 3.2.1
+  FeedForward              Sec 3.3: max(0, x W1 + b1) W2 + b2
+  SublayerConnection       Sec 5.4: LayerNorm(x + Dropout(Sublayer(x))), or pre-LN
+  EncoderLayer, DecoderLayer, Encoder, Decoder (Sec 3.1)
+  Transformer              encode, teacher-forced decode, cached one-token decode_step
+
+Shapes use B batch, S source length, T target length, D d_model, N heads, H head
+dimension (d_k = d_v), F d_ff, V vocabulary, L a cache's length.
+
+Every parameter carries logical axis names (``out_sharding`` metadata, read by
+``sharding.param_shardings``); activations are constrained with ``act_*`` names through
+``sharding.constrain``, a no-op outside a mesh. Parameters are created unsharded
+(``eager_sharding=False``) so the model builds without a mesh; the training code
+places them.
+
+Inputs are int32 token ids with pad = 0. Packed rows (several sentences in one row)
+carry segment ids (0 = padding, 1..k = sentence) and positions that restart at 0 for
+each sentence; attention never crosses a segment boundary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from transformer_jax import sharding
+
+Array = jax.Array
+Cache = dict[str, Any]
+
+_LAYER_NORMS = ('post', 'pre')
+_POSITIONS = ('sinusoidal', 'learned')
+_ATTENTION_IMPLS = ('xla', 'einsum')
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Hyper-parameters of the encoder-decoder Transformer (Sec 3, Table 3).
+
+  Defaults are the paper's base model; ``from_config`` builds one from
+  ``config.model``.
+  """
+  vocab_size: int
+  num_encoder_layers: int = 6  # N
+  num_decoder_layers: int = 6  # N
+  d_model: int = 512
+  num_heads: int = 8  # h
+  head_dim: int | None = None  # d_k = d_v; None -> d_model // num_heads.
+  d_ff: int = 2048
+  dropout_rate: float = 0.1  # P_drop: sub-layer outputs, embeddings + positions.
+  attention_dropout_rate: float = 0.0  # tensor2tensor extra: on attention probs.
+  relu_dropout_rate: float = 0.0  # tensor2tensor extra: inside the FFN.
+  max_len: int = 256  # Rows of the learned position table.
+  share_embeddings: bool = True  # Sec 3.4: one matrix for inputs and the softmax.
+  layer_norm: str = 'post'  # 'post' (the paper) or 'pre' (Xiong et al. 2020).
+  positions: str = 'sinusoidal'  # 'sinusoidal' (Sec 3.5) or 'learned' (Table 3 E).
+  dtype: Any = jnp.float32  # Compute dtype.
+  param_dtype: Any = jnp.float32
+  attention_impl: str = 'xla'  # 'xla': jax.nn.dot_product_attention; 'einsum'.
+  pad_id: int = 0
+  bos_id: int = 2
+
+  def __post_init__(self):
+    problems = []
+    if self.layer_norm not in _LAYER_NORMS:
+      problems.append(f'layer_norm={self.layer_norm!r} (expected one of {_LAYER_NORMS})')
+    if self.positions not in _POSITIONS:
+      problems.append(f'positions={self.positions!r} (expected one of {_POSITIONS})')
+    if self.attention_impl not in _ATTENTION_IMPLS:
+      problems.append(f'attention_impl={self.attention_impl!r} '
+                      f'(expected one of {_ATTENTION_IMPLS})')
+    if self.head_dim is None and self.d_model % self.num_heads:
+      problems.append(f'd_model={self.d_model} is not divisible by '
+                      f'num_heads={self.num_heads}; set head_dim')
+    if self.positions == 'sinusoidal' and self.d_model % 2:
+      problems.append(f'sinusoidal positions need an even d_model, got {self.d_model}')
+    for name in ('vocab_size', 'num_encoder_layers', 'num_decoder_layers',
+                 'd_model', 'num_heads', 'd_ff', 'max_len'):
+      if getattr(self, name) <= 0:
+        problems.append(f'{name}={getattr(self, name)} must be positive')
+    for name in ('dropout_rate', 'attention_dropout_rate', 'relu_dropout_rate'):
+      if not 0.0 <= getattr(self, name) < 1.0:
+        problems.append(f'{name}={getattr(self, name)} must be in [0, 1)')
+    if problems:
+      raise ValueError('Invalid TransformerConfig: ' + '; '.join(problems) + '.')
+
+  @property
+  def qkv_head_dim(self) -> int:
+    """H: the per-head dimension d_k = d_v (Sec 3.2.2)."""
+    return self.head_dim if self.head_dim is not None else self.d_model // self.num_heads
+
+  @classmethod
+  def from_config(cls, model_cfg, vocab_size: int) -> TransformerConfig:
+    """Builds the config from ``config.model`` (a ConfigDict or mapping).
+
+    Dtype strings ('float32', 'bfloat16') become jnp dtypes. Unknown keys are an
+    error, so a misspelt option is never silently ignored.
+    """
+    values = dict(model_cfg.items()) if hasattr(model_cfg, 'items') else dict(model_cfg)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+      raise ValueError(f'config.model has unknown keys {unknown}; TransformerConfig '
+                       f'accepts {sorted(fields - {"vocab_size"})}.')
+    values.pop('vocab_size', None)
+    for key in ('dtype', 'param_dtype'):
+      if isinstance(values.get(key), str):
+        if values[key] not in _DTYPES:
+          raise ValueError(f'config.model.{key}={values[key]!r}: expected one of '
+                           f'{sorted(_DTYPES)}.')
+        values[key] = _DTYPES[values[key]]
+    return cls(vocab_size=int(vocab_size), **values)
+
+
+def shift_right(targets: Array, positions: Array | None = None, *, bos_id: int = 2,
+                pad_id: int = 0) -> Array:
+  """Decoder inputs for teacher forcing: targets shifted right, bos at each start.
+
+  Args:
+    targets: [B, T] int32, eos-terminated sentences, pad = ``pad_id``.
+    positions: [B, T] positions of packed rows (0 at each sentence start); None for
+      one sentence per row.
+    bos_id: the token fed to the decoder before each sentence's first token.
+    pad_id: padding; positions whose target is padding get padding as input too.
+
+  Returns:
+    [B, T] int32 decoder inputs.
+  """
+  shifted = jnp.pad(targets, ((0, 0), (1, 0)), constant_values=bos_id)[:, :-1]
+  if positions is not None:
+    shifted = jnp.where(positions == 0, bos_id, shifted)
+  return jnp.where(targets == pad_id, pad_id, shifted).astype(targets.dtype)
+
+
+def sinusoidal_positions(positions: Array, d_model: int) -> Array:
+  """Sec 3.5: PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(same).
+
+  Computed from the positions themselves (no table), so any length works.
+
+  Args:
+    positions: [...] integer positions.
+    d_model: D, even.
+
+  Returns:
+    [..., D] float32, sines at even and cosines at odd feature indices.
+  """
+  two_i = jnp.arange(0, d_model, 2, dtype=jnp.float32)  # [D/2]
+  angles = positions[..., None].astype(jnp.float32) / jnp.power(10000.0, two_i / d_model)
+  # Interleave sin (even indices) and cos (odd), as the formula writes it.
+  return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(
+      *positions.shape, d_model)
+
+
+def _param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int],
+           names: tuple[str | None, ...], dtype) -> nnx.Param:
+  """A parameter with logical axis names, created unsharded (no mesh needed)."""
+  return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=names,
+                   eager_sharding=False)
+
+
+def _layer_norm(cfg: TransformerConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  meta = {'out_sharding': ('embed',), 'eager_sharding': False}
+  # epsilon 1e-6 as tensor2tensor; the paper does not give one.
+  return nnx.LayerNorm(cfg.d_model, epsilon=1e-6, dtype=cfg.dtype,
+                       param_dtype=cfg.param_dtype, scale_metadata=meta,
+                       bias_metadata=meta, rngs=rngs)
+
+
+# Glorot-uniform over (fan_in, fan_out) with multi-axis kernels, as tensor2tensor's
+# dense layers; per-head kernels keep the heads axis for tensor-parallel sharding.
+def _glorot(in_axis, out_axis):
+  return jax.nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform',
+                                              in_axis=in_axis, out_axis=out_axis)
+
+
+class Embedding(nnx.Module):
+  """Token embedding, scaled by sqrt(d_model) (Sec 3.4), and its transpose as softmax."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    # stddev d_model^-0.5 so that the sqrt(d_model)-scaled embeddings have unit
+    # variance and the shared pre-softmax projection starts with small logits.
+    init = jax.nn.initializers.normal(stddev=cfg.d_model ** -0.5)
+    self.embedding = _param(rngs, init, (cfg.vocab_size, cfg.d_model),
+                            ('vocab', 'embed'), cfg.param_dtype)
+
+  def __call__(self, ids: Array) -> Array:
+    """ids [B, T] int -> [B, T, D] in the compute dtype."""
+    table = self.embedding[...].astype(self.cfg.dtype)
+    return jnp.take(table, ids, axis=0) * jnp.asarray(math.sqrt(self.cfg.d_model),
+                                                      self.cfg.dtype)
+
+  def attend(self, x: Array) -> Array:
+    """Sec 3.4: pre-softmax projection with the embedding matrix. [B,T,D] -> [B,T,V] f32."""
+    table = self.embedding[...].astype(self.cfg.dtype)
+    return jnp.einsum('btd,vd->btv', x, table, preferred_element_type=jnp.float32)
+
+
+class OutputProjection(nnx.Module):
+  """Pre-softmax linear map when embeddings are not shared. [B,T,D] -> [B,T,V] f32."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.kernel = _param(rngs, _glorot(0, 1), (cfg.d_model, cfg.vocab_size),
+                         ('embed', 'vocab'), cfg.param_dtype)
+    self.bias = _param(rngs, jax.nn.initializers.zeros, (cfg.vocab_size,),
+                       ('vocab',), cfg.param_dtype)
+
+  def __call__(self, x: Array) -> Array:
+    logits = jnp.einsum('btd,dv->btv', x, self.kernel[...].astype(self.cfg.dtype),
+                        preferred_element_type=jnp.float32)
+    return logits + self.bias[...].astype(jnp.float32)
+
+
+class PositionalEncoding(nnx.Module):
+  """Sinusoidal (Sec 3.5) or learned (Table 3 row E) positions, indexed by position."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    if cfg.positions == 'learned':
+      self.table = _param(rngs, jax.nn.initializers.normal(stddev=0.02),
+                          (cfg.max_len, cfg.d_model), (None, 'embed'), cfg.param_dtype)
+
+  def __call__(self, positions: Array) -> Array:
+    """positions [B, T] int -> [B, T, D] in the compute dtype."""
+    if self.cfg.positions == 'learned':
+      return jnp.take(self.table[...], positions, axis=0).astype(self.cfg.dtype)
+    return sinusoidal_positions(positions, self.cfg.d_model).astype(self.cfg.dtype)
+
+
+def attention_mask(query_valid: Array, key_valid: Array, *,
+                   query_segments: Array | None = None,
+                   key_segments: Array | None = None,
+                   causal: bool = False) -> Array:
+  """Boolean mask [B, 1, Tq, Tk]: True where a query may attend to a key.
+
+  Args:
+    query_valid: [B, Tq] bool, False at padding queries (used only with segments).
+    key_valid: [B, Tk] bool, False at padding keys.
+    query_segments, key_segments: [B, Tq], [B, Tk] segment ids of packed rows;
+      attention stays within a segment.
+    causal: Sec 3.2.3: query i sees keys j <= i only.
+  """
+  mask = jnp.broadcast_to(key_valid[:, None, :],
+                          (key_valid.shape[0], query_valid.shape[1], key_valid.shape[1]))
+  if query_segments is not None and key_segments is not None:
+    mask &= query_segments[:, :, None] == key_segments[:, None, :]
+    mask &= query_valid[:, :, None]
+  if causal:
+    tq, tk = query_valid.shape[1], key_valid.shape[1]
+    mask &= jnp.arange(tq)[:, None] >= jnp.arange(tk)[None, :]
+  return mask[:, None, :, :]
+
+
+def einsum_attention(query: Array, key: Array, value: Array, mask: Array, *,
+                     dropout: nnx.Dropout | None = None,
+                     deterministic: bool = True) -> tuple[Array, Array]:
+  """Sec 3.2.1: softmax(Q K^T / sqrt(d_k)) V, written out; the reference path.
+
+  Args:
+    query: [B, T, N, H]; key, value: [B, S, N, H]; mask: [B, 1, T, S] bool.
+    dropout: optional dropout on the attention probabilities.
+
+  Returns:
+    ([B, T, N, H] in the query's dtype, probabilities [B, N, T, S] float32).
+  """
+  scale = 1.0 / math.sqrt(query.shape[-1])
+  logits = jnp.einsum('btnh,bsnh->bnts', query, key,
+                      preferred_element_type=jnp.float32) * scale  # [B, N, T, S]
+  # A large finite negative (not -inf) keeps fully masked rows (padding queries
+  # of packed rows) finite, as jax.nn.dot_product_attention does.
+  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1)
+  weights = probs
+  if dropout is not None:
+    weights = dropout(weights, deterministic=deterministic)
+  out = jnp.einsum('bnts,bsnh->btnh', weights.astype(value.dtype), value)  # [B, T, N, H]
+  return out, probs
+
+
+class MultiHeadAttention(nnx.Module):
+  """Sec 3.2.2: h heads of scaled dot-product attention, concatenated and projected.
+
+  The projections W^Q, W^K, W^V [D, N, H] and W^O [N, H, D] carry biases, like the
+  paper's "linear projections".
+  """
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, n, h = cfg.d_model, cfg.num_heads, cfg.qkv_head_dim
+    zeros = jax.nn.initializers.zeros
+    for name in ('query', 'key', 'value'):
+      setattr(self, f'{name}_kernel', _param(rngs, _glorot(0, (1, 2)), (d, n, h),
+                                             ('embed', 'heads', 'head_dim'),
+                                             cfg.param_dtype))
+      setattr(self, f'{name}_bias', _param(rngs, zeros, (n, h), ('heads', 'head_dim'),
+                                           cfg.param_dtype))
+    self.out_kernel = _param(rngs, _glorot((0, 1), 2), (n, h, d),
+                             ('heads', 'head_dim', 'embed'), cfg.param_dtype)
+    self.out_bias = _param(rngs, zeros, (d,), ('embed',), cfg.param_dtype)
+    self.dropout = nnx.Dropout(cfg.attention_dropout_rate, rngs=rngs)
+
+  def _project(self, x: Array, name: str) -> Array:
+    """[B, T, D] -> [B, T, N, H] with W^Q, W^K or W^V."""
+    dtype = self.cfg.dtype
+    y = jnp.einsum('btd,dnh->btnh', x, getattr(self, f'{name}_kernel')[...].astype(dtype))
+    y = y + getattr(self, f'{name}_bias')[...].astype(dtype)
+    return sharding.constrain(y, ('act_batch', 'act_length', 'act_heads', None))
+
+  def project_query(self, x: Array) -> Array:
+    return self._project(x, 'query')
+
+  def project_key_value(self, x: Array) -> tuple[Array, Array]:
+    """[B, S, D] -> keys and values, each [B, S, N, H] (what a decode cache keeps)."""
+    return self._project(x, 'key'), self._project(x, 'value')
+
+  def attend(self, query: Array, key: Array, value: Array, mask: Array, *,
+             deterministic: bool = True, probs_out: list | None = None) -> Array:
+    """Attention over projected heads and the output projection W^O.
+
+    Args:
+      query: [B, T, N, H]; key, value: [B, S, N, H]; mask: [B, 1, T, S] bool.
+      probs_out: when a list, the probabilities [B, N, T, S] are appended to it
+        (visualisation only; uses the einsum path).
+
+    Returns:
+      [B, T, D].
+    """
+    attention_dropout = self.cfg.attention_dropout_rate > 0 and not deterministic
+    if self.cfg.attention_impl == 'einsum' or probs_out is not None or attention_dropout:
+      # jax.nn.dot_product_attention neither returns probabilities nor applies
+      # dropout to them, so those cases take the reference path.
+      out, probs = einsum_attention(query, key, value, mask, dropout=self.dropout,
+                                    deterministic=deterministic)
+      if probs_out is not None:
+        probs_out.append(probs)
+    else:
+      out = jax.nn.dot_product_attention(query, key, value, mask=mask,
+                                         implementation='xla')
+    out = sharding.constrain(out, ('act_batch', 'act_length', 'act_heads', None))
+    y = jnp.einsum('btnh,nhd->btd', out, self.out_kernel[...].astype(self.cfg.dtype))
+    return y + self.out_bias[...].astype(self.cfg.dtype)
+
+  def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Array, *,
+               deterministic: bool = True, probs_out: list | None = None) -> Array:
+    """inputs_q [B, T, D] attends to inputs_kv [B, S, D] under mask [B, 1, T, S]."""
+    key, value = self.project_key_value(inputs_kv)
+    return self.attend(self.project_query(inputs_q), key, value, mask,
+                       deterministic=deterministic, probs_out=probs_out)
+
+
+class FeedForward(nnx.Module):
+  """Sec 3.3: FFN(x) = max(0, x W1 + b1) W2 + b2, applied at each position."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    zeros = jax.nn.initializers.zeros
+    self.wi = _param(rngs, _glorot(0, 1), (cfg.d_model, cfg.d_ff), ('embed', 'mlp'),
+                     cfg.param_dtype)
+    self.bi = _param(rngs, zeros, (cfg.d_ff,), ('mlp',), cfg.param_dtype)
+    self.wo = _param(rngs, _glorot(0, 1), (cfg.d_ff, cfg.d_model), ('mlp', 'embed'),
+                     cfg.param_dtype)
+    self.bo = _param(rngs, zeros, (cfg.d_model,), ('embed',), cfg.param_dtype)
+    self.dropout = nnx.Dropout(cfg.relu_dropout_rate, rngs=rngs)
+
+  def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
+    """[B, T, D] -> [B, T, D] through a [B, T, F] hidden layer."""
+    dtype = self.cfg.dtype
+    h = jnp.einsum('btd,df->btf', x, self.wi[...].astype(dtype))
+    h = jax.nn.relu(h + self.bi[...].astype(dtype))
+    h = sharding.constrain(h, ('act_batch', 'act_length', 'act_mlp'))
+    h = self.dropout(h, deterministic=deterministic)
+    y = jnp.einsum('btf,fd->btd', h, self.wo[...].astype(dtype))
+    return y + self.bo[...].astype(dtype)
+
+
+class SublayerConnection(nnx.Module):
+  """Residual connection around a sub-layer, with layer normalisation and dropout.
+
+  post (Sec 3.1 / 5.4, the paper): LayerNorm(x + Dropout(Sublayer(x))).
+  pre (Xiong et al. 2020; tensor2tensor's default): x + Dropout(Sublayer(LayerNorm(x))).
+  """
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.pre_norm = cfg.layer_norm == 'pre'
+    self.norm = _layer_norm(cfg, rngs)
+    self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
+
+  def __call__(self, x: Array, sublayer: Callable[[Array], Array], *,
+               deterministic: bool = True) -> Array:
+    if self.pre_norm:
+      return x + self.dropout(sublayer(self.norm(x)), deterministic=deterministic)
+    return self.norm(x + self.dropout(sublayer(x), deterministic=deterministic))
+
+
+def _constrain_embed(x: Array) -> Array:
+  return sharding.constrain(x, ('act_batch', 'act_length', 'act_embed'))
+
+
+class EncoderLayer(nnx.Module):
+  """Sec 3.1: self-attention, then the position-wise feed-forward network."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.self_attention = MultiHeadAttention(cfg, rngs=rngs)
+    self.attention_residual = SublayerConnection(cfg, rngs=rngs)
+    self.feed_forward = FeedForward(cfg, rngs=rngs)
+    self.ffn_residual = SublayerConnection(cfg, rngs=rngs)
+
+  def __call__(self, x: Array, mask: Array, *, deterministic: bool = True,
+               probs_out: list | None = None) -> Array:
+    """x [B, S, D], mask [B, 1, S, S] -> [B, S, D]."""
+    x = self.attention_residual(
+        x, lambda h: self.self_attention(h, h, mask, deterministic=deterministic,
+                                         probs_out=probs_out),
+        deterministic=deterministic)
+    x = self.ffn_residual(
+        x, lambda h: self.feed_forward(h, deterministic=deterministic),
+        deterministic=deterministic)
+    return _constrain_embed(x)
+
+
+class DecoderLayer(nnx.Module):
+  """Sec 3.1: masked self-attention, attention over the encoder output, then FFN."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.self_attention = MultiHeadAttention(cfg, rngs=rngs)
+    self.self_attention_residual = SublayerConnection(cfg, rngs=rngs)
+    self.cross_attention = MultiHeadAttention(cfg, rngs=rngs)
+    self.cross_attention_residual = SublayerConnection(cfg, rngs=rngs)
+    self.feed_forward = FeedForward(cfg, rngs=rngs)
+    self.ffn_residual = SublayerConnection(cfg, rngs=rngs)
+
+  def __call__(self, y: Array, encoded: Array, self_mask: Array, cross_mask: Array, *,
+               deterministic: bool = True, self_probs_out: list | None = None,
+               cross_probs_out: list | None = None) -> Array:
+    """y [B, T, D], encoded [B, S, D], masks [B,1,T,T] and [B,1,T,S] -> [B, T, D]."""
+    y = self.self_attention_residual(
+        y, lambda h: self.self_attention(h, h, self_mask, deterministic=deterministic,
+                                         probs_out=self_probs_out),
+        deterministic=deterministic)
+    y = self.cross_attention_residual(
+        y, lambda h: self.cross_attention(h, encoded, cross_mask,
+                                          deterministic=deterministic,
+                                          probs_out=cross_probs_out),
+        deterministic=deterministic)
+    y = self.ffn_residual(
+        y, lambda h: self.feed_forward(h, deterministic=deterministic),
+        deterministic=deterministic)
+    return _constrain_embed(y)
+
+  def step(self, y: Array, encoded: Array, cross_mask: Array, cache: Cache,
+           index: Array) -> tuple[Array, Cache]:
+    """One decoding position with cached keys and values (deterministic).
+
+    Args:
+      y: [B, 1, D], the embedded token at position ``index``.
+      encoded: [B, S, D]; unused when ``cache`` holds the cross-attention keys.
+      cross_mask: [B, 1, 1, S].
+      cache: {'key', 'value': [B, L, N, H]} of this layer's self-attention, and
+        optionally {'cross_key', 'cross_value': [B, S, N, H]}.
+      index: int32 scalar, the position being decoded.
+
+    Returns:
+      ([B, 1, D], the updated cache).
+    """
+    cache = dict(cache)
+    max_len = cache['key'].shape[1]
+
+    def self_attend(h):
+      key, value = self.self_attention.project_key_value(h)  # [B, 1, N, H]
+      start = (0, index, 0, 0)
+      cache['key'] = jax.lax.dynamic_update_slice(cache['key'],
+                                                  key.astype(cache['key'].dtype), start)
+      cache['value'] = jax.lax.dynamic_update_slice(
+          cache['value'], value.astype(cache['value'].dtype), start)
+      # Sec 3.2.3: the token sees the positions decoded so far and itself.
+      mask = (jnp.arange(max_len) <= index)[None, None, None, :]  # [1, 1, 1, L]
+      mask = jnp.broadcast_to(mask, (h.shape[0], 1, 1, max_len))
+      return self.self_attention.attend(self.self_attention.project_query(h),
+                                        cache['key'], cache['value'], mask)
+
+    def cross_attend(h):
+      if 'cross_key' in cache:
+        key, value = cache['cross_key'], cache['cross_value']
+      else:
+        key, value = self.cross_attention.project_key_value(encoded)
+      return self.cross_attention.attend(self.cross_attention.project_query(h),
+                                         key, value, cross_mask)
+
+    y = self.self_attention_residual(y, self_attend)
+    y = self.cross_attention_residual(y, cross_attend)
+    y = self.ffn_residual(y, self.feed_forward)
+    return y, cache
+
+
+class _Stack(nnx.Module):
+  """Shared parts of both stacks: embedding + positions + dropout, final pre-LN norm."""
+
+  def __init__(self, cfg: TransformerConfig, embedding: Embedding, num_layers: int,
+               layer_cls, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = embedding
+    self.positions = PositionalEncoding(cfg, rngs=rngs)
+    # Sec 5.4: dropout on the sums of the embeddings and the positional encodings.
+    self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
+    self.layers = nnx.List([layer_cls(cfg, rngs=rngs) for _ in range(num_layers)])
+    # Pre-LN leaves the residual stream unnormalised: one last LayerNorm per stack.
+    self.final_norm = _layer_norm(cfg, rngs) if cfg.layer_norm == 'pre' else None
+
+  def embed_tokens(self, ids: Array, positions: Array | None, *,
+                   deterministic: bool) -> Array:
+    """ids [B, T] -> [B, T, D]: sqrt(D)-scaled embeddings + positional encodings."""
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+    x = self.embed(ids) + self.positions(positions)
+    x = self.dropout(x, deterministic=deterministic)
+    return _constrain_embed(x)
+
+  def normalize_output(self, x: Array) -> Array:
+    return self.final_norm(x) if self.final_norm is not None else x
+
+
+class Encoder(_Stack):
+  """Sec 3.1: N identical layers of self-attention and feed-forward sub-layers."""
+
+  def __init__(self, cfg: TransformerConfig, embedding: Embedding, *, rngs: nnx.Rngs):
+    super().__init__(cfg, embedding, cfg.num_encoder_layers, EncoderLayer, rngs=rngs)
+
+  def __call__(self, src: Array, *, segments: Array | None = None,
+               positions: Array | None = None, deterministic: bool = True,
+               probs_out: list | None = None) -> Array:
+    """src [B, S] int -> encoded [B, S, D].
+
+    probs_out: when a list, gets one [B, N, S, S] probability array per layer.
+    """
+    valid = src != self.cfg.pad_id
+    mask = attention_mask(valid, valid, query_segments=segments, key_segments=segments)
+    x = self.embed_tokens(src, positions, deterministic=deterministic)
+    for layer in self.layers:
+      x = layer(x, mask, deterministic=deterministic, probs_out=probs_out)
+    return self.normalize_output(x)
+
+
+class Decoder(_Stack):
+  """Sec 3.1: N layers of masked self-attention, encoder-decoder attention and FFN."""
+
+  def __init__(self, cfg: TransformerConfig, embedding: Embedding, *, rngs: nnx.Rngs):
+    super().__init__(cfg, embedding, cfg.num_decoder_layers, DecoderLayer, rngs=rngs)
+    self.output_projection = (None if cfg.share_embeddings
+                              else OutputProjection(cfg, rngs=rngs))
+
+  def logits(self, y: Array) -> Array:
+    """[B, T, D] -> [B, T, V] float32: the pre-softmax linear map (Sec 3.4)."""
+    y = self.normalize_output(y)
+    if self.output_projection is not None:
+      logits = self.output_projection(y)
+    else:
+      logits = self.embed.attend(y)
+    # Vocabulary-sharded like the embedding under tensor parallelism.
+    return sharding.constrain(logits, ('act_batch', 'act_length', 'vocab'))
+
+  def __call__(self, encoded: Array, src: Array, tgt_in: Array, *,
+               src_segments: Array | None = None, tgt_segments: Array | None = None,
+               tgt_positions: Array | None = None, deterministic: bool = True,
+               self_probs_out: list | None = None,
+               cross_probs_out: list | None = None) -> Array:
+    """Teacher-forced decoding: tgt_in [B, T] -> logits [B, T, V] float32."""
+    src_valid = src != self.cfg.pad_id
+    tgt_valid = tgt_in != self.cfg.pad_id
+    self_mask = attention_mask(tgt_valid, tgt_valid, query_segments=tgt_segments,
+                               key_segments=tgt_segments, causal=True)
+    cross_mask = attention_mask(tgt_valid, src_valid, query_segments=tgt_segments,
+                                key_segments=src_segments)
+    y = self.embed_tokens(tgt_in, tgt_positions, deterministic=deterministic)
+    for layer in self.layers:
+      y = layer(y, encoded, self_mask, cross_mask, deterministic=deterministic,
+                self_probs_out=self_probs_out, cross_probs_out=cross_probs_out)
+    return self.logits(y)
+
+
+class Transformer(nnx.Module):
+  """The encoder-decoder Transformer (Sec 3, Figure 1).
+
+  Call it for teacher-forced training logits; ``encode`` + ``init_cache`` +
+  ``decode_step`` decode one token at a time; ``attention_weights`` returns every
+  layer's attention probabilities for visualisation.
+  """
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    if cfg.share_embeddings:
+      # Sec 3.4: one matrix for both inputs and the pre-softmax projection.
+      source_embedding = target_embedding = Embedding(cfg, rngs=rngs)
+    else:
+      source_embedding = Embedding(cfg, rngs=rngs)
+      target_embedding = Embedding(cfg, rngs=rngs)
+    self.encoder = Encoder(cfg, source_embedding, rngs=rngs)
+    self.decoder = Decoder(cfg, target_embedding, rngs=rngs)
+
+  def _check_inputs(self, **arrays):
+    for name, x in arrays.items():
+      if x is None:
+        continue
+      if x.ndim != 2:
+        raise ValueError(f'{name} must be [batch, length], got shape {x.shape}.')
+      if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise ValueError(f'{name} must hold integer token ids, got dtype {x.dtype}.')
+      if self.cfg.positions == 'learned' and x.shape[1] > self.cfg.max_len:
+        raise ValueError(f'{name} has length {x.shape[1]}, longer than the learned '
+                         f'position table (max_len={self.cfg.max_len}).')
+
+  def __call__(self, src: Array, tgt_in: Array, *, src_segments: Array | None = None,
+               tgt_segments: Array | None = None, src_positions: Array | None = None,
+               tgt_positions: Array | None = None,
+               deterministic: bool = True) -> Array:
+    """Teacher-forced logits.
+
+    Args:
+      src: [B, S] int32 source ids; tgt_in: [B, T] decoder inputs (``shift_right``).
+      src_segments, tgt_segments: [B, S], [B, T] segment ids of packed rows.
+      src_positions, tgt_positions: [B, S], [B, T] positions of packed rows.
+      deterministic: False applies dropout (needs the 'dropout' RNG stream).
+
+    Returns:
+      [B, T, V] float32 logits.
+    """
+    encoded = self.encode(src, src_segments=src_segments, src_positions=src_positions,
+                          deterministic=deterministic)
+    return self.decode(encoded, src, tgt_in, src_segments=src_segments,
+                       tgt_segments=tgt_segments, tgt_positions=tgt_positions,
+                       deterministic=deterministic)
+
+  def encode(self, src: Array, *, src_segments: Array | None = None,
+             src_positions: Array | None = None, deterministic: bool = True) -> Array:
+    """src [B, S] -> encoder output [B, S, D] (compute dtype)."""
+    self._check_inputs(src=src, src_segments=src_segments, src_positions=src_positions)
+    return self.encoder(src, segments=src_segments, positions=src_positions,
+                        deterministic=deterministic)
+
+  def decode(self, encoded: Array, src: Array, tgt_in: Array, *,
+             src_segments: Array | None = None, tgt_segments: Array | None = None,
+             tgt_positions: Array | None = None, deterministic: bool = True) -> Array:
+    """Teacher-forced decoder: logits [B, T, V] float32.
+
+    ``src`` [B, S] supplies the cross-attention padding mask (src != pad).
+    """
+    self._check_inputs(src=src, tgt_in=tgt_in, tgt_segments=tgt_segments,
+                       tgt_positions=tgt_positions)
+    return self.decoder(encoded, src, tgt_in, src_segments=src_segments,
+                        tgt_segments=tgt_segments, tgt_positions=tgt_positions,
+                        deterministic=deterministic)
+
+  def init_cache(self, batch_size: int, max_len: int,
+                 encoded: Array | None = None) -> Cache:
+    """An empty decoding cache.
+
+    Args:
+      batch_size: B (beam search: batch x beams).
+      max_len: L, the most tokens ``decode_step`` will be called for.
+      encoded: optional [B, S, D] encoder output; when given, each layer's
+        cross-attention keys and values are computed once here instead of at
+        every step.
+
+    Returns:
+      {'index': int32 scalar, 'layers': [per decoder layer {'key', 'value':
+      [B, L, N, H]} (+ {'cross_key', 'cross_value': [B, S, N, H]})]}. Every array
+      but 'index' has the batch as its leading axis.
+    """
+    cfg = self.cfg
+    if cfg.positions == 'learned' and max_len > cfg.max_len:
+      raise ValueError(f'Cache length {max_len} exceeds the learned position table '
+                       f'(max_len={cfg.max_len}).')
+    if encoded is not None and encoded.shape[0] != batch_size:
+      raise ValueError(f'encoded has batch {encoded.shape[0]}, cache batch_size is '
+                       f'{batch_size}.')
+    shape = (batch_size, max_len, cfg.num_heads, cfg.qkv_head_dim)
+    layers = []
+    for layer in self.decoder.layers:
+      entry = {'key': jnp.zeros(shape, cfg.dtype), 'value': jnp.zeros(shape, cfg.dtype)}
+      if encoded is not None:
+        entry['cross_key'], entry['cross_value'] = (
+            layer.cross_attention.project_key_value(encoded))
+      layers.append(entry)
+    return {'index': jnp.zeros((), jnp.int32), 'layers': layers}
+
+  def decode_step(self, encoded: Array, src: Array, token: Array,
+                  cache: Cache) -> tuple[Array, Cache]:
+    """Decodes one position with the cache (deterministic).
+
+    Args:
+      encoded: [B, S, D] encoder output; src: [B, S] source ids (padding mask).
+      token: [B] int32, the previous output token (bos at the first step).
+      cache: from ``init_cache`` or the previous step; position = cache['index'].
+
+    Returns:
+      (logits [B, V] float32 for the next token, the updated cache).
+    """
+    if token.ndim != 1 or token.shape[0] != src.shape[0]:
+      raise ValueError(f'token must be [batch={src.shape[0]}], got shape {token.shape}.')
+    index = cache['index']
+    cross_mask = (src != self.cfg.pad_id)[:, None, None, :]  # [B, 1, 1, S]
+    positions = jnp.full((token.shape[0], 1), index, jnp.int32)
+    y = self.decoder.embed_tokens(token[:, None], positions, deterministic=True)
+    new_layers = []
+    for layer, layer_cache in zip(self.decoder.layers, cache['layers']):
+      y, layer_cache = layer.step(y, encoded, cross_mask, layer_cache, index)
+      new_layers.append(layer_cache)
+    logits = self.decoder.logits(y)[:, 0]
+    return logits, {'index': index + 1, 'layers': new_layers}
+
+  def attention_weights(self, src: Array, tgt_in: Array) -> dict[str, Array]:
+    """Every layer's attention probabilities (deterministic; for visualisation).
+
+    Args:
+      src: [B, S] source ids; tgt_in: [B, T] decoder inputs.
+
+    Returns:
+      {'encoder_self': [L, B, N, S, S], 'decoder_self': [L, B, N, T, T],
+       'cross': [L, B, N, T, S]}, float32.
+    """
+    encoder_self, decoder_self, cross = [], [], []
+    self._check_inputs(src=src, tgt_in=tgt_in)
+    encoded = self.encoder(src, probs_out=encoder_self)
+    self.decoder(encoded, src, tgt_in, self_probs_out=decoder_self,
+                 cross_probs_out=cross)
+    return {'encoder_self': jnp.stack(encoder_self),
+            'decoder_self': jnp.stack(decoder_self), 'cross': jnp.stack(cross)}
