@@ -1,0 +1,179 @@
+"""Beam and greedy search on toy scorers whose best outputs are known."""
+
+import functools
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from transformer_jax import decode
+
+EOS, BOS, PAD = 1, 2, 0
+
+
+def _toy_scorer(seed, vocab=4, sharpness=3.0):
+  """A second-order Markov scorer: logits depend on the last two tokens.
+
+  The cache holds the previous token per row, so a wrong cache reorder in beam
+  search changes the scores.
+  """
+  table = jax.random.normal(jax.random.key(seed), (vocab, vocab, vocab)) * sharpness
+
+  def step_fn(token, cache):
+    logits = table[cache['prev'], token]
+    return logits, {'index': cache['index'] + 1, 'prev': token}
+
+  def init_cache(rows):
+    return {'index': jnp.array(0, jnp.int32),
+            'prev': jnp.full((rows,), BOS, jnp.int32)}
+
+  def log_prob(seq):
+    """log P(seq) under the scorer, seq without BOS."""
+    logp = jax.nn.log_softmax(table, axis=-1)
+    prev, last, total = BOS, BOS, 0.0
+    for t in seq:
+      total += float(logp[prev, last, t])
+      prev, last = last, t
+    return total
+
+  return step_fn, init_cache, log_prob, vocab
+
+
+def _exhaustive_best(log_prob, vocab, limit, alpha):
+  """Best length-normalised hypothesis: ends in EOS, or is cut at the limit."""
+  best, best_seq = -math.inf, None
+  non_eos = [t for t in range(vocab) if t != EOS]
+  for n in range(1, limit + 1):
+    for prefix in itertools.product(non_eos, repeat=n - 1):
+      lasts = range(vocab) if n == limit else [EOS]
+      for last in lasts:
+        seq = list(prefix) + [last]
+        score = log_prob(seq) / ((5 + n) / 6) ** alpha
+        if score > best:
+          best, best_seq = score, seq
+  return best_seq, best
+
+
+def _beam(step_fn, init_cache, src_lengths, beam_size, alpha, max_decode_len,
+          max_extra_len):
+  src_lengths = jnp.asarray(src_lengths, jnp.int32)
+  return jax.jit(functools.partial(
+      decode.beam_search, step_fn, beam_size=beam_size, alpha=alpha,
+      max_decode_len=max_decode_len, max_extra_len=max_extra_len))(
+          init_cache(src_lengths.shape[0] * beam_size), src_lengths)
+
+
+def test_length_penalty_formula():
+  assert float(decode.length_penalty(4, 0.6)) == pytest.approx((9 / 6) ** 0.6)
+  assert float(decode.length_penalty(1, 0.6)) == pytest.approx(1.0)
+  assert float(decode.length_penalty(37, 0.0)) == 1.0
+  np.testing.assert_allclose(decode.length_penalty(jnp.array([1, 7, 25]), 2.0),
+                             [1.0, 4.0, 25.0], rtol=1e-6)
+
+
+def test_output_limits_input_plus_extra_capped():
+  limits = decode.output_limits(jnp.array([3, 10, 0, 40]), max_extra_len=5,
+                                max_decode_len=20)
+  np.testing.assert_array_equal(limits, [8, 15, 1, 20])
+
+
+@pytest.mark.parametrize('seed,alpha', [(0, 0.6), (1, 0.6), (2, 0.0), (3, 1.5)])
+def test_wide_beam_finds_exhaustive_best(seed, alpha):
+  # 3 non-EOS tokens, limit 4: 27 prefixes of length 3, so a beam of 32 never
+  # prunes and must return the exhaustive optimum, with its exact score.
+  step_fn, init_cache, log_prob, vocab = _toy_scorer(seed)
+  limit = 4
+  tokens, scores = _beam(step_fn, init_cache, [limit - 2], 32, alpha,
+                         max_decode_len=8, max_extra_len=2)
+  best_seq, best = _exhaustive_best(log_prob, vocab, limit, alpha)
+  got = [t for t in np.asarray(tokens[0, 0]).tolist()][:len(best_seq)]
+  assert got == best_seq
+  assert np.all(np.asarray(tokens[0, 0, len(best_seq):]) == PAD)
+  assert float(scores[0, 0]) == pytest.approx(best, rel=1e-5)
+
+
+def test_beam_scores_are_normalised_log_probs_of_the_returned_tokens():
+  # Recomputing every returned hypothesis' score from scratch checks the cache
+  # reorder (the toy scorer's logits depend on the previous token in the cache).
+  step_fn, init_cache, log_prob, _ = _toy_scorer(seed=5, vocab=7, sharpness=1.0)
+  alpha = 0.6
+  tokens, scores = _beam(step_fn, init_cache, [3, 6, 1], 4, alpha,
+                         max_decode_len=10, max_extra_len=3)
+  limits = [6, 9, 4]
+  for b in range(3):
+    assert np.all(np.diff(np.asarray(scores[b])) <= 1e-6)  # Best first.
+    for kk in range(4):
+      seq = np.asarray(tokens[b, kk]).tolist()
+      n = seq.index(EOS) + 1 if EOS in seq else limits[b]
+      assert n <= limits[b]
+      assert all(t == PAD for t in seq[n:])
+      expected = log_prob(seq[:n]) / ((5 + n) / 6) ** alpha
+      assert float(scores[b, kk]) == pytest.approx(expected, rel=1e-4, abs=1e-4)
+
+
+def test_beam_beats_greedy_when_greedy_is_myopic():
+  # First step: token 3 is likelier than token 4, but after 3 every continuation
+  # is uncertain, while after 4 EOS is nearly certain.
+  vocab = 6
+  logits = np.full((vocab, vocab), -5.0, np.float32)
+  logits[BOS, 3], logits[BOS, 4] = 1.0, 0.6
+  logits[3, :] = 0.0
+  logits[4, EOS] = 10.0
+  table = jnp.asarray(logits)
+
+  def step_fn(token, cache):
+    return table[token], cache
+
+  cache = lambda rows: {'index': jnp.array(0, jnp.int32),
+                        'dummy': jnp.zeros((rows, 2))}
+  greedy = decode.greedy_search(step_fn, cache(1), jnp.array([5]),
+                                max_decode_len=6, max_extra_len=1)
+  assert np.asarray(greedy[0]).tolist()[0] == 3
+  tokens, _ = _beam(step_fn, cache, [5], 4, 0.6, max_decode_len=6, max_extra_len=1)
+  assert np.asarray(tokens[0, 0]).tolist() == [4, EOS, PAD, PAD, PAD, PAD]
+
+
+@pytest.mark.parametrize('seed', [0, 7])
+def test_beam_one_without_length_penalty_equals_greedy(seed):
+  step_fn, init_cache, _, _ = _toy_scorer(seed, vocab=9, sharpness=1.5)
+  src_lengths = jnp.array([2, 5, 9, 0], jnp.int32)
+  greedy = jax.jit(functools.partial(
+      decode.greedy_search, step_fn, max_decode_len=12, max_extra_len=3))(
+          init_cache(4), src_lengths)
+  tokens, _ = _beam(step_fn, init_cache, src_lengths, 1, 0.0,
+                    max_decode_len=12, max_extra_len=3)
+  np.testing.assert_array_equal(np.asarray(tokens[:, 0]), np.asarray(greedy))
+  # Greedy respects the limits too: |X| + 3, and 1 for the padding row.
+  for row, limit in zip(np.asarray(greedy), [5, 8, 12, 1]):
+    n = (row.tolist().index(EOS) + 1) if EOS in row else limit
+    assert n <= limit and np.all(row[n:] == PAD)
+
+
+def test_early_stop_when_every_sentence_has_finished():
+  # EOS is by far the likeliest token (other tokens: log P = -20 each). With K = 2
+  # the second finished slot holds -20 / lp(2) = -18.2 after step 2; the best alive
+  # prefix can still reach -20 i / lp(40) = -5.97 i after step i, so the search
+  # stops after step 4 (-23.9 < -18.2), long before the 40-token limit.
+  vocab = 5
+  table = jnp.zeros((vocab,)).at[EOS].set(20.0)
+  steps = []
+
+  def step_fn(token, cache):
+    jax.debug.callback(lambda i: steps.append(int(i)), cache['index'])
+    return jnp.broadcast_to(table, token.shape + (vocab,)), {
+        'index': cache['index'] + 1}
+
+  tokens, scores = _beam(step_fn, lambda rows: {'index': jnp.array(0, jnp.int32)},
+                         [30, 30], 2, 0.6, max_decode_len=40, max_extra_len=10)
+  jax.block_until_ready(tokens)
+  assert np.asarray(tokens[:, 0, 0]).tolist() == [EOS, EOS]
+  assert steps == [0, 1, 2, 3]
+
+
+def test_strip_eos():
+  assert decode.strip_eos([5, 6, PAD, 7, EOS, 8, PAD]) == [5, 6, 7]
+  assert decode.strip_eos([EOS, 4]) == []
+  assert decode.strip_eos(np.array([4, 4])) == [4, 4]

@@ -1,0 +1,229 @@
+"""Beam search and greedy search over the model's explicit decoder cache.
+
+The searches are pure functions of arrays. They see the model only through
+
+  step_fn(token [R], cache) -> (logits [R, V], cache)
+
+where R is the number of rows being decoded (B for greedy search, B * K for beam
+search, beams of one sentence adjacent) and ``cache`` is the plain pytree of
+``Transformer.init_cache``: every leaf has the rows as its leading axis except the
+scalar position ``'index'``. Beam search reorders the cache by gathering rows.
+
+Sec 6.1 of the paper: beam size 4, length penalty alpha = 0.6 in the GNMT form
+((5 + |Y|) / 6)^alpha, maximum output length = input length + 50, and the search
+stops as soon as no unfinished hypothesis can beat the finished ones. The loop is a
+``jax.lax.while_loop`` over a buffer of fixed length, so one compilation serves
+every batch of a given source shape.
+
+:class:`Decoder` wires a :class:`~transformer_jax.model.Transformer` into the
+searches: encode once, tile the encoder output to B * K rows, then run the loop,
+all inside one ``jax.jit``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
+# Finite stand-in for -inf: keeps sums and divisions free of inf - inf = nan.
+NEG_INF = -1.0e9
+
+Cache = Any
+StepFn = Callable[[jax.Array, Cache], tuple[jax.Array, Cache]]
+
+
+def length_penalty(length, alpha: float):
+  """GNMT length penalty ((5 + |Y|) / 6)^alpha (Wu et al. 2016; Sec 6.1).
+
+  Beam scores are log P(Y | X) / length_penalty(|Y|, alpha); |Y| counts the EOS.
+  """
+  return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
+
+
+def output_limits(src_lengths: jax.Array, max_extra_len: int,
+                  max_decode_len: int) -> jax.Array:
+  """Most output tokens (with EOS) each sentence may produce: |X| + 50 (Sec 6.1).
+
+  Args:
+    src_lengths: [B] source tokens (with EOS), 0 for padding rows.
+    max_extra_len: output length allowed beyond the input length.
+    max_decode_len: the length of the output buffer, L.
+
+  Returns:
+    [B] int32 limits in [1, L]; padding rows get 1 so they finish at once.
+  """
+  limits = jnp.minimum(src_lengths + max_extra_len, max_decode_len)
+  return jnp.where(src_lengths > 0, limits, 1).astype(jnp.int32)
+
+
+def gather_cache_rows(cache: Cache, rows: jax.Array) -> Cache:
+  """Picks ``rows`` [R'] of every batch-major cache leaf; scalars (the index) stay."""
+  return jax.tree.map(
+      lambda x: x if jnp.ndim(x) == 0 else jnp.take(x, rows, axis=0), cache)
+
+
+class _GreedyState(NamedTuple):
+  i: jax.Array  # Tokens generated so far.
+  last: jax.Array  # [B] previous token.
+  tokens: jax.Array  # [B, L]
+  done: jax.Array  # [B] bool
+  cache: Cache
+
+
+def greedy_search(step_fn: StepFn, cache: Cache, src_lengths: jax.Array, *,
+                  max_decode_len: int, max_extra_len: int = 50,
+                  eos_id: int = EOS_ID, bos_id: int = BOS_ID,
+                  pad_id: int = PAD_ID) -> jax.Array:
+  """Most likely next token at each step until EOS or the length limit.
+
+  Args:
+    step_fn: ``(token [B], cache) -> (logits [B, V], cache)``.
+    cache: decoder cache for B rows, at position 0.
+    src_lengths: [B] source lengths (with EOS); 0 marks padding rows.
+    max_decode_len: L, the output buffer length (static).
+    max_extra_len: a sentence stops after ``src_length + max_extra_len`` tokens.
+    eos_id, bos_id, pad_id: special token ids.
+
+  Returns:
+    [B, L] int32 tokens, EOS included, ``pad_id`` after it.
+  """
+  batch = src_lengths.shape[0]
+  limits = output_limits(src_lengths, max_extra_len, max_decode_len)
+
+  def cond(s: _GreedyState):
+    return (s.i < max_decode_len) & ~jnp.all(s.done)
+
+  def body(s: _GreedyState):
+    logits, cache = step_fn(s.last, s.cache)
+    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    token = jnp.where(s.done, pad_id, token)
+    tokens = s.tokens.at[:, s.i].set(token)
+    done = s.done | (token == eos_id) | (s.i + 1 >= limits)
+    return _GreedyState(s.i + 1, token, tokens, done, cache)
+
+  init = _GreedyState(
+      i=jnp.array(0, jnp.int32),
+      last=jnp.full((batch,), bos_id, jnp.int32),
+      tokens=jnp.full((batch, max_decode_len), pad_id, jnp.int32),
+      done=jnp.zeros((batch,), bool),
+      cache=cache)
+  return jax.lax.while_loop(cond, body, init).tokens
+
+
+class _BeamState(NamedTuple):
+  i: jax.Array  # Tokens generated so far.
+  last: jax.Array  # [B, K] previous token of each alive beam.
+  alive_tokens: jax.Array  # [B, K, L]
+  alive_logp: jax.Array  # [B, K] log P of each alive prefix.
+  finished_tokens: jax.Array  # [B, K, L]
+  finished_scores: jax.Array  # [B, K] length-normalised; NEG_INF = empty slot.
+  done: jax.Array  # [B] bool: finished hypotheses are final.
+  cache: Cache  # B * K rows.
+
+
+def _take_beams(x: jax.Array, idx: jax.Array) -> jax.Array:
+  """x [B, M, ...] indexed by idx [B, K] along axis 1 -> [B, K, ...]."""
+  idx = idx.reshape(idx.shape + (1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x, idx, axis=1)
+
+
+def beam_search(step_fn: StepFn, cache: Cache, src_lengths: jax.Array, *,
+                beam_size: int = 4, alpha: float = 0.6, max_decode_len: int,
+                max_extra_len: int = 50, eos_id: int = EOS_ID,
+                bos_id: int = BOS_ID, pad_id: int = PAD_ID
+                ) -> tuple[jax.Array, jax.Array]:
+  """Beam search with the GNMT length penalty and early stopping (Sec 6.1).
+
+  Each step expands the K alive prefixes of a sentence, keeps the 2K best
+  continuations (enough that K of them do not end in EOS), moves the ones that end
+  in EOS (or hit the sentence's length limit) to the finished set, and keeps the K
+  best others alive. A sentence is done when its K-th best finished score is at
+  least the best score an alive prefix could still reach: log P only falls as a
+  prefix grows, so that bound is ``best alive log P / lp(limit)`` for alpha >= 0.
+
+  Args:
+    step_fn: ``(token [B*K], cache) -> (logits [B*K, V], cache)``; rows are
+      sentence-major (the K beams of sentence b are rows b*K .. b*K+K-1).
+    cache: decoder cache for B * K rows, at position 0.
+    src_lengths: [B] source lengths (with EOS); 0 marks padding rows.
+    beam_size: K.
+    alpha: length penalty exponent.
+    max_decode_len: L, the output buffer length (static).
+    max_extra_len: a sentence stops after ``src_length + max_extra_len`` tokens.
+    eos_id, bos_id, pad_id: special token ids.
+
+  Returns:
+    tokens [B, K, L] int32 (EOS included unless the length limit cut the
+    hypothesis, ``pad_id`` after) and scores [B, K] float32, best first.
+  """
+  batch, k = src_lengths.shape[0], beam_size
+  limits = output_limits(src_lengths, max_extra_len, max_decode_len)
+  max_penalty = length_penalty(limits, alpha)  # [B]
+  rows = jnp.arange(batch)[:, None] * k  # [B, 1] first cache row of each sentence
+
+  def cond(s: _BeamState):
+    return (s.i < max_decode_len) & ~jnp.all(s.done)
+
+  def body(s: _BeamState):
+    logits, cache = step_fn(s.last.reshape(batch * k), s.cache)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    vocab = logp.shape[-1]
+    logp = s.alive_logp[:, :, None] + logp.reshape(batch, k, vocab)  # [B, K, V]
+    top_logp, top_idx = jax.lax.top_k(logp.reshape(batch, k * vocab), 2 * k)
+    parent, token = top_idx // vocab, (top_idx % vocab).astype(jnp.int32)  # [B, 2K]
+    tokens = _take_beams(s.alive_tokens, parent).at[:, :, s.i].set(token)
+    valid = top_logp > NEG_INF / 2  # Not grown from an empty beam slot.
+    at_limit = (s.i + 1 >= limits)[:, None]  # [B, 1]
+    ends = (token == eos_id) | at_limit
+
+    # Finished set: the K best of the old finished and the newly ended.
+    new_scores = top_logp / length_penalty(s.i + 1, alpha)
+    new_scores = jnp.where(ends & valid & ~s.done[:, None], new_scores, NEG_INF)
+    all_scores = jnp.concatenate([s.finished_scores, new_scores], axis=1)
+    finished_scores, pick = jax.lax.top_k(all_scores, k)  # Ties keep the older.
+    finished_tokens = _take_beams(
+        jnp.concatenate([s.finished_tokens, tokens], axis=1), pick)
+
+    # Alive set: the K best continuations that did not end.
+    alive_logp, pick = jax.lax.top_k(jnp.where(ends, NEG_INF, top_logp), k)
+    alive_tokens = _take_beams(tokens, pick)
+    last = jnp.take_along_axis(token, pick, axis=1)
+    # One gather of the cache, straight from the old K rows to the new K rows.
+    cache = gather_cache_rows(
+        cache, (rows + jnp.take_along_axis(parent, pick, axis=1)).reshape(-1))
+
+    best_alive_bound = alive_logp[:, 0] / max_penalty
+    done = s.done | at_limit[:, 0] | (finished_scores[:, -1] >= best_alive_bound)
+    return _BeamState(s.i + 1, last, alive_tokens, alive_logp, finished_tokens,
+                      finished_scores, done, cache)
+
+  first_beam_only = jnp.where(jnp.arange(k) == 0, 0.0, NEG_INF)  # No duplicates.
+  init = _BeamState(
+      i=jnp.array(0, jnp.int32),
+      last=jnp.full((batch, k), bos_id, jnp.int32),
+      alive_tokens=jnp.full((batch, k, max_decode_len), pad_id, jnp.int32),
+      alive_logp=jnp.broadcast_to(first_beam_only, (batch, k)).astype(jnp.float32),
+      finished_tokens=jnp.full((batch, k, max_decode_len), pad_id, jnp.int32),
+      finished_scores=jnp.full((batch, k), NEG_INF, jnp.float32),
+      done=jnp.zeros((batch,), bool),
+      cache=cache)
+  final = jax.lax.while_loop(cond, body, init)
+  return final.finished_tokens, final.finished_scores
+
+
+def strip_eos(tokens: Sequence[int] | np.ndarray, eos_id: int = EOS_ID,
+              pad_id: int = PAD_ID) -> list[int]:
+  """Token ids up to (without) the first EOS, padding dropped."""
+  out = []
+  for t in np.asarray(tokens).tolist():
+    if t == eos_id:
+      break
+    if t != pad_id:
+      out.append(t)
+  return out
