@@ -1,0 +1,160 @@
+"""Attention weights of the model, the attention figures, and the explore CLI.
+
+A tiny random Transformer (one compile-free eager pass per fixture) gives weights whose
+invariants are checked exactly: rows are distributions over the keys a query may see,
+and the weights with the model's own value and output projections reproduce the
+model's encoder output and logits.
+"""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import jax.numpy as jnp
+from flax import nnx
+
+from transformer_jax import attention_plots
+from transformer_jax import model as model_lib
+
+# Recomputing attention from the returned float32 weights differs from the model's own
+# jax.nn.dot_product_attention path only by float32 rounding (exactly 0 on this CPU;
+# other backends may order the reductions differently): absolute 1e-4 on activations
+# and logits of order 1.
+RECOMPUTE_ATOL = 1e-4
+
+
+@pytest.fixture(scope='session')
+def tiny_model():
+  cfg = model_lib.TransformerConfig(
+      vocab_size=40, num_encoder_layers=2, num_decoder_layers=2, d_model=16,
+      num_heads=4, d_ff=32, dropout_rate=0.1, max_len=16)
+  return model_lib.Transformer(cfg, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope='session')
+def batch():
+  """Two sentences; the second has padding on both sides."""
+  src = np.array([[5, 6, 7, 8, 9, 1], [10, 11, 1, 0, 0, 0]], np.int32)
+  tgt_in = np.array([[2, 12, 13, 14, 15], [2, 16, 17, 0, 0]], np.int32)
+  return jnp.asarray(src), jnp.asarray(tgt_in)
+
+
+@pytest.fixture(scope='session')
+def weights(tiny_model, batch):
+  src, tgt_in = batch
+  return {k: np.asarray(v) for k, v in tiny_model.attention_weights(src, tgt_in).items()}
+
+
+def test_weights_have_the_documented_shapes(weights):
+  assert weights['encoder_self'].shape == (2, 2, 4, 6, 6)  # [L, B, N, S, S]
+  assert weights['decoder_self'].shape == (2, 2, 4, 5, 5)  # [L, B, N, T, T]
+  assert weights['cross'].shape == (2, 2, 4, 5, 6)  # [L, B, N, T, S]
+  for w in weights.values():
+    assert w.dtype == np.float32
+
+
+def test_rows_are_distributions_over_visible_keys(weights, batch):
+  src, tgt_in = (np.asarray(x) for x in batch)
+  src_visible = (src != 0)[:, None, None, :]  # [B, 1, 1, S]
+  tgt_visible = (tgt_in != 0)[:, None, None, :]
+  causal = np.tril(np.ones((5, 5), bool))
+  visible = {'encoder_self': src_visible, 'cross': src_visible,
+             'decoder_self': tgt_visible & causal}
+  for kind, w in weights.items():
+    mask = np.broadcast_to(visible[kind], w.shape[1:])
+    for layer in w:
+      np.testing.assert_allclose(layer.sum(-1), 1.0, atol=1e-5, err_msg=kind)
+      assert np.all(layer[~mask] == 0.0), f'{kind}: weight on a masked key'
+      assert np.all(layer[mask] > 0.0), f'{kind}: zero weight on a visible key'
+  # The first decoder position sees only itself (Sec 3.2.3).
+  np.testing.assert_array_equal(weights['decoder_self'][:, :, :, 0, 0], 1.0)
+
+
+def _attend_with(attention: model_lib.MultiHeadAttention, inputs_kv, probs):
+  """The attention sub-layer's output from given probabilities [B, N, T, S]."""
+  _, value = attention.project_key_value(inputs_kv)  # [B, S, N, H]
+  heads = jnp.einsum('bnts,bsnh->btnh', probs, value)  # [B, T, N, H]
+  return (jnp.einsum('btnh,nhd->btd', heads, attention.out_kernel[...])
+          + attention.out_bias[...])  # [B, T, D]
+
+
+def test_weights_reproduce_the_model_outputs(tiny_model, batch, weights):
+  """Every layer's weights, with the model's value and output projections, give back
+  the model's own encoder output and logits (computed by jax.nn.dot_product_attention)."""
+  src, tgt_in = batch
+  m = tiny_model
+  x = m.encoder.embed_tokens(src, None, deterministic=True)
+  for layer, probs in zip(m.encoder.layers, weights['encoder_self']):
+    x = layer.attention_residual(x, lambda h: _attend_with(layer.self_attention, h, probs))
+    x = layer.ffn_residual(x, layer.feed_forward)
+  encoded = m.encoder.normalize_output(x)
+  np.testing.assert_allclose(encoded, m.encode(src), atol=RECOMPUTE_ATOL)
+
+  y = m.decoder.embed_tokens(tgt_in, None, deterministic=True)
+  for layer, self_probs, cross_probs in zip(m.decoder.layers, weights['decoder_self'],
+                                            weights['cross']):
+    y = layer.self_attention_residual(
+        y, lambda h: _attend_with(layer.self_attention, h, self_probs))
+    y = layer.cross_attention_residual(
+        y, lambda h: _attend_with(layer.cross_attention, encoded, cross_probs))
+    y = layer.ffn_residual(y, layer.feed_forward)
+  logits = m.decoder.logits(y)
+  np.testing.assert_allclose(logits, m(src, tgt_in), atol=RECOMPUTE_ATOL)
+  # The check has teeth: another head's weights give a different output.
+  swapped = weights['cross'][-1][:, ::-1]
+  y_wrong = layer.cross_attention_residual(
+      y, lambda h: _attend_with(layer.cross_attention, encoded, swapped))
+  assert np.abs(np.asarray(y_wrong - y)).max() > 1e-2
+
+
+def _softmax_rows(rng, *shape):
+  x = np.exp(2 * rng.normal(size=shape))
+  return x / x.sum(-1, keepdims=True)
+
+
+def test_attention_figures_are_pngs_of_the_documented_size(tmp_path):
+  rng = np.random.default_rng(0)
+  source = ['\u2581A', '\u2581man', '\u2581rides', '.', '</s>']
+  target = ['<s>', '\u2581Ein', '\u2581Mann', '.']
+  layers, heads = 2, 6
+  w = {'encoder_self': _softmax_rows(rng, layers, heads, 5, 5),
+       'decoder_self': _softmax_rows(rng, layers, heads, 4, 4),
+       'cross': _softmax_rows(rng, layers, heads, 4, 5)}
+  paths = attention_plots.write_attention_figures(w, source, target, str(tmp_path))
+  names = sorted(p.rsplit('/', 1)[-1] for p in paths)
+  assert names == sorted([f'{k}_layer{l}.png' for k in w for l in range(layers)]
+                         + ['cross_alignment.png'])
+  expected = {'encoder_self': attention_plots.head_grid_size(heads, 5, 5),
+              'decoder_self': attention_plots.head_grid_size(heads, 4, 4),
+              'cross': attention_plots.head_grid_size(heads, 4, 5)}
+  for kind, size in expected.items():
+    with Image.open(tmp_path / f'{kind}_layer1.png') as image:
+      image.verify()
+    with Image.open(tmp_path / f'{kind}_layer1.png') as image:
+      assert image.format == 'PNG' and image.size == size
+  # Six heads in rows of four: two rows; the grid is wider than tall.
+  assert expected['cross'][0] > expected['cross'][1]
+  with Image.open(tmp_path / 'cross_alignment.png') as image:
+    assert image.size == attention_plots.alignment_size(4, 5)
+  with pytest.raises(ValueError, match='4 x 5 but there are 4 query tokens and 3 key'):
+    attention_plots.plot_head_grid(w['cross'][0], target, source[:3], str(tmp_path / 'x.png'))
+
+
+def test_positional_encoding_figure(tmp_path):
+  table = attention_plots.sinusoid_table(50, 16)
+  # Sec 3.5 at known points: PE(pos, 0) = sin(pos), PE(pos, 1) = cos(pos),
+  # PE(pos, 2) = sin(pos / 10000^(2/16)).
+  np.testing.assert_allclose(table[:, 0], np.sin(np.arange(50)), atol=1e-6)
+  np.testing.assert_allclose(table[:, 1], np.cos(np.arange(50)), atol=1e-6)
+  np.testing.assert_allclose(table[7, 2], np.sin(7 / 10000 ** (2 / 16)), atol=1e-6)
+  # The same table as the model's.
+  np.testing.assert_allclose(
+      table, model_lib.sinusoidal_positions(jnp.arange(50), 16), atol=1e-5)
+  sinusoid_only = attention_plots.plot_positional_encodings(table, str(tmp_path / 'a.png'))
+  with Image.open(sinusoid_only) as image:
+    assert image.format == 'PNG' and image.size == attention_plots.positional_size(False)
+  learned = np.random.default_rng(0).normal(size=(50, 16))
+  both = attention_plots.plot_positional_encodings(table, str(tmp_path / 'b.png'),
+                                                   learned=learned)
+  with Image.open(both) as image:
+    assert image.size == attention_plots.positional_size(True)
