@@ -59,7 +59,7 @@ def get_config(arg=None):
   d.tokens_per_batch = 25000  # Sec 5.1: ~25000 source and target tokens a batch.
   d.bucket_lengths = (16, 32, 64, 128, 256)  # Padded lengths: one compile each.
   d.packing = False  # Pack sentences into rows with segment ids instead.
-  d.shuffle_buffer = 10_000
+  d.prefetch = 2  # Training batches made ahead in a thread (0: none). Shuffling is global, per epoch.
   d.eval_batch_size = 64  # Sentences per evaluation/decoding batch.
 
   config.optim = ml_collections.ConfigDict()
