@@ -6,6 +6,15 @@ and the weights with the model's own value and output projections reproduce the
 model's encoder output and logits.
 """
 
+import gzip
+import itertools
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -158,3 +167,116 @@ def test_positional_encoding_figure(tmp_path):
                                                    learned=learned)
   with Image.open(both) as image:
     assert image.size == attention_plots.positional_size(True)
+
+
+# ----------------------------------------------------------------------------
+# The explore CLI on a checkpoint written the way training writes it.
+
+TEXT = 'A man rides a bike.'
+
+
+@pytest.fixture(scope='session')
+def explore_workdir(shared_data, tmp_path_factory):
+  """A workdir with config.json, a SentencePiece vocabulary trained on Multi30k and
+  one checkpoint of a random learned-position model (max_len 24)."""
+  from configs import tiny
+  from transformer_jax import checkpoint as checkpoint_lib
+  from transformer_jax import tokenizer as tokenizer_lib
+  from transformer_jax import train
+  workdir = str(tmp_path_factory.mktemp('explore_workdir'))
+  config = tiny.get_config()
+  config.model.positions = 'learned'
+  config.model.max_len = 24
+  train.write_config(config, workdir)
+
+  def sentences():
+    for lang in ('en', 'de'):
+      with gzip.open(shared_data / 'multi30k' / f'train.{lang}.gz', 'rt') as f:
+        yield from (line.strip() for line in itertools.islice(f, 1000))
+
+  tokenizer = tokenizer_lib.train_tokenizer(
+      sentences(), os.path.join(workdir, 'vocab', 'spm.model'),
+      vocab_size=config.data.vocab_size, model_type='unigram')
+  cfg = model_lib.TransformerConfig.from_config(config.model, tokenizer.vocab_size)
+  params = nnx.state(model_lib.Transformer(cfg, rngs=nnx.Rngs(1)), nnx.Param)
+  meta = {'vocab_fingerprint': tokenizer.fingerprint()['sha256'],
+          'vocab_size': tokenizer.vocab_size,
+          'param_shapes': checkpoint_lib.param_shapes(params)}
+  ckpt = checkpoint_lib.TrainCheckpointer(workdir, config.checkpoint)
+  ckpt.save(10, params, {'count': np.zeros((), np.int32)}, {}, meta, force=True)
+  ckpt.close()
+  return workdir
+
+
+def _run_cli(*args):
+  return subprocess.run([sys.executable, '-m', 'transformer_jax.explore', *args],
+                        capture_output=True, text=True, timeout=600,
+                        cwd=pathlib.Path(__file__).resolve().parents[1])
+
+
+def _page_data(path):
+  page = path.read_text(encoding='utf-8')
+  start = page.index('<script type="application/json" id="attention-data">')
+  start = page.index('>', start) + 1
+  return json.loads(page[start:page.index('</script>', start)])
+
+
+def test_cli_writes_figures_and_page_for_the_translation(explore_workdir, tmp_path):
+  import sentencepiece as spm
+  from transformer_jax import explore
+  out = tmp_path / 'out'
+  result = _run_cli(f'--workdir={explore_workdir}', '--text', TEXT, f'--out={out}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f'source:      {TEXT}' in result.stdout
+  assert 'step 10' in result.stdout
+
+  data = _page_data(out / 'attention.html')
+  sp = spm.SentencePieceProcessor(model_file=os.path.join(explore_workdir, 'vocab',
+                                                          'spm.model'))
+  source, target = data['tokens']['source'], data['tokens']['target']
+  assert source == sp.encode(TEXT, out_type=str) + ['</s>']
+  # Output length <= source length + config.eval.max_extra_length (5), after '<s>'.
+  assert target[0] == '<s>' and 2 <= len(target) <= 1 + len(source) + 5
+  translation_ids = [sp.piece_to_id(p) for p in target[1:]]
+  printed = result.stdout.split('translation: ', 1)[1].split('\n', 1)[0]
+  assert printed == sp.decode(translation_ids)
+
+  # The page holds the model's attention for exactly this source and translation.
+  loaded = explore.load_model(explore_workdir)
+  expected = explore.explore_ids(loaded.model, sp.encode(TEXT) + [1], translation_ids)
+  for kind, w in expected.items():
+    np.testing.assert_allclose(np.array(data['kinds'][kind]['weights']), w, atol=1e-4,
+                               err_msg=kind)
+
+  s, t, heads = len(source), len(target), loaded.model.cfg.num_heads
+  sizes = {'encoder_self_layer0.png': attention_plots.head_grid_size(heads, s, s),
+           'decoder_self_layer0.png': attention_plots.head_grid_size(heads, t, t),
+           'cross_layer0.png': attention_plots.head_grid_size(heads, t, s),
+           'cross_alignment.png': attention_plots.alignment_size(t, s),
+           'positional_encoding.png': attention_plots.positional_size(True)}
+  assert sorted(p.name for p in out.iterdir()) == sorted([*sizes, 'attention.html'])
+  for name, size in sizes.items():
+    with Image.open(out / name) as image:
+      assert image.format == 'PNG' and image.size == size, name
+
+
+def test_cli_without_a_checkpoint_is_a_clear_error(explore_workdir, tmp_path):
+  shutil.copy(os.path.join(explore_workdir, 'config.json'), tmp_path / 'config.json')
+  result = _run_cli(f'--workdir={tmp_path}', '--text', TEXT)
+  assert result.returncode == 1
+  assert 'explore: No checkpoints in' in result.stderr
+  assert 'Traceback' not in result.stderr
+  from transformer_jax import explore
+  with pytest.raises(FileNotFoundError, match='does not exist'):
+    explore.load_model(str(tmp_path / 'missing'))
+
+
+def test_sentence_longer_than_the_model_is_a_clear_error(explore_workdir):
+  from transformer_jax import explore
+  loaded = explore.load_model(explore_workdir)
+  text = ' '.join(['bicycle'] * 30)
+  with pytest.raises(ValueError, match=r"tokens long \(with eos\), more than the "
+                                       r"model's maximum length of 24"):
+    explore.explore_text(loaded, text)
+  with pytest.raises(ValueError, match='empty'):
+    explore.explore_text(loaded, '   ')

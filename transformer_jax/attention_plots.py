@@ -179,6 +179,7 @@ def sinusoid_table(length: int, d_model: int) -> np.ndarray:
 
 def plot_positional_encodings(table: np.ndarray, path: str, *,
                               learned: np.ndarray | None = None,
+                              learned_name: str = 'learned positions',
                               dims: Sequence[int] | None = None) -> str:
   """Writes the positional-encoding figure of Sec 3.5.
 
@@ -187,6 +188,7 @@ def plot_positional_encodings(table: np.ndarray, path: str, *,
     path: the .png file to write.
     learned: optional [P', D] learned position embeddings (Table 3 row E), drawn
       beside the sinusoids.
+    learned_name: the learned table's title.
     dims: the dimensions drawn as curves; by default four sines whose wavelengths,
       2*pi*10000^(dim/D), grow from about 12 to about 400 positions.
 
@@ -222,7 +224,7 @@ def plot_positional_encodings(table: np.ndarray, path: str, *,
     bound = float(np.abs(learned).max()) or 1.0
     image = axes[2].imshow(learned, cmap='RdBu', vmin=-bound, vmax=bound, aspect='auto',
                            interpolation='antialiased')
-    axes[2].set_title(f'learned positions, {learned.shape[0]} x {learned.shape[1]}')
+    axes[2].set_title(f'{learned_name}, {learned.shape[0]} x {learned.shape[1]}')
     axes[2].set_xlabel('dimension')
     axes[2].set_ylabel('position')
     fig.colorbar(image, ax=axes[2], shrink=0.8)
