@@ -1,0 +1,327 @@
+"""Tests for transformer_jax.model: sizes, masks, packing, cached decoding, dtypes."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import default
+from transformer_jax import model as model_lib
+from transformer_jax import sharding
+
+TINY = model_lib.TransformerConfig(
+    vocab_size=50, num_encoder_layers=2, num_decoder_layers=2, d_model=32,
+    num_heads=4, d_ff=64, dropout_rate=0.1, max_len=32)
+
+# Source and target rows: eos = 1 ends each sentence, pad = 0 after it.
+SRC = np.array([[5, 6, 7, 8, 1, 0, 0],
+                [9, 10, 11, 1, 0, 0, 0],
+                [12, 13, 14, 15, 16, 17, 1]], np.int32)
+TGT = np.array([[20, 21, 22, 1, 0, 0],
+                [23, 24, 25, 26, 27, 1],
+                [28, 1, 0, 0, 0, 0]], np.int32)
+
+
+def build(cfg=TINY, seed=0, **overrides):
+  cfg = dataclasses.replace(cfg, **overrides)
+  return model_lib.Transformer(cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+
+
+def num_params(model) -> int:
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+@pytest.fixture(scope='module', params=['post', 'pre'])
+def model(request):
+  return build(layer_norm=request.param)
+
+
+@pytest.fixture(scope='module')
+def post_model():
+  return build(layer_norm='post')
+
+
+# Table 3 (vocab 37000, shared embeddings): paper's count and our tolerance.
+PAPER_SIZES = {
+    'base': ({}, 65e6, 0.05),
+    'big': ({'d_model': 1024, 'd_ff': 4096, 'num_heads': 16}, 213e6, 0.03),
+    'C_N2': ({'num_encoder_layers': 2, 'num_decoder_layers': 2}, 36e6, 0.08),
+    'C_N4': ({'num_encoder_layers': 4, 'num_decoder_layers': 4}, 50e6, 0.08),
+    'C_N8': ({'num_encoder_layers': 8, 'num_decoder_layers': 8}, 80e6, 0.08),
+    'C_dff1024': ({'d_ff': 1024}, 53e6, 0.08),
+    'C_dff4096': ({'d_ff': 4096}, 90e6, 0.08),
+}
+
+
+@pytest.mark.parametrize('name', list(PAPER_SIZES))
+def test_parameter_count_matches_table3(name):
+  changes, paper, tolerance = PAPER_SIZES[name]
+  model_cfg = default.get_config().model
+  model_cfg.update(changes)
+  cfg = model_lib.TransformerConfig.from_config(model_cfg, vocab_size=37000)
+  abstract = nnx.eval_shape(lambda: model_lib.Transformer(cfg, rngs=nnx.Rngs(0)))
+  count = num_params(abstract)
+  assert abs(count - paper) / paper < tolerance, (name, count)
+
+
+@pytest.mark.parametrize('share', [True, False])
+def test_parameter_count_formula(share):
+  cfg = dataclasses.replace(TINY, share_embeddings=share, positions='learned')
+  d, f, v, n_layers = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.num_encoder_layers
+  attention = 4 * (d * d + d)
+  ffn = 2 * d * f + f + d
+  norm = 2 * d
+  encoder = n_layers * (attention + ffn + 2 * norm) + cfg.max_len * d
+  decoder = n_layers * (2 * attention + ffn + 3 * norm) + cfg.max_len * d
+  embeddings = v * d if share else 2 * v * d + d * v + v
+  abstract = nnx.eval_shape(lambda: model_lib.Transformer(cfg, rngs=nnx.Rngs(0)))
+  assert num_params(abstract) == encoder + decoder + embeddings
+
+
+def test_every_parameter_has_logical_names():
+  abstract = nnx.eval_shape(lambda: build(share_embeddings=False, positions='learned'))
+  allowed = {'vocab', 'embed', 'heads', 'head_dim', 'mlp', None}
+  for path, variable in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+    names = variable.get_metadata().get('out_sharding')
+    assert names is not None and len(names) == len(variable.shape), path
+    assert set(names) <= allowed, (path, names)
+    assert variable.get_metadata()['eager_sharding'] is False
+
+
+def test_sinusoid_matches_paper_formula():
+  d_model = 16
+  positions = jnp.arange(40)
+  table = np.asarray(model_lib.sinusoidal_positions(positions, d_model))
+  assert table.shape == (40, d_model)
+  for pos in (0, 1, 7, 39):
+    for i in (0, 1, 3, 7):
+      angle = pos / 10000 ** (2 * i / d_model)
+      np.testing.assert_allclose(table[pos, 2 * i], math.sin(angle), atol=1e-6)
+      np.testing.assert_allclose(table[pos, 2 * i + 1], math.cos(angle), atol=1e-6)
+
+
+def test_shift_right_unpacked_and_packed():
+  targets = jnp.array([[7, 8, 1, 0, 0]])
+  np.testing.assert_array_equal(model_lib.shift_right(targets), [[2, 7, 8, 0, 0]])
+  packed = jnp.array([[7, 8, 1, 9, 1, 0]])
+  positions = jnp.array([[0, 1, 2, 0, 1, 0]])
+  np.testing.assert_array_equal(model_lib.shift_right(packed, positions),
+                                [[2, 7, 8, 2, 9, 0]])
+
+
+def test_config_errors_name_the_problem():
+  with pytest.raises(ValueError, match='layer_norm'):
+    dataclasses.replace(TINY, layer_norm='middle')
+  with pytest.raises(ValueError, match='num_heads'):
+    dataclasses.replace(TINY, num_heads=5)
+  model_cfg = default.get_config().model
+  model_cfg.unlock()
+  model_cfg.num_layerz = 3
+  with pytest.raises(ValueError, match='num_layerz'):
+    model_lib.TransformerConfig.from_config(model_cfg, 100)
+  cfg = model_lib.TransformerConfig.from_config(
+      dict(default.get_config().model, dtype='bfloat16'), 100)
+  assert cfg.dtype == jnp.bfloat16 and cfg.qkv_head_dim == 64
+
+
+def test_causality(model):
+  tgt_in = model_lib.shift_right(jnp.asarray(TGT))
+  logits = model(SRC, tgt_in)
+  t = 2
+  changed = tgt_in.at[:, t + 1:].set(jnp.where(tgt_in[:, t + 1:] > 0, 40, 0))
+  changed_logits = model(SRC, changed)
+  np.testing.assert_allclose(changed_logits[:, :t + 1], logits[:, :t + 1], atol=1e-5)
+  # Row 1 has real tokens after t, so its later logits must move.
+  assert np.abs(changed_logits[1, t + 1:] - logits[1, t + 1:]).max() > 1e-3
+
+
+def test_source_padding_is_ignored(model):
+  tgt_in = model_lib.shift_right(jnp.asarray(TGT))
+  logits = model(SRC, tgt_in)
+  padded = np.pad(SRC, ((0, 0), (0, 5)))
+  np.testing.assert_allclose(model(padded, tgt_in), logits, atol=1e-5)
+  # A real token in place of the padding does change the output.
+  assert np.abs(model(np.where(SRC == 0, 30, SRC), tgt_in) - logits).max() > 1e-3
+
+
+def _pack(rows):
+  """Concatenates eos-terminated sentences of ``rows`` into one padded row."""
+  tokens, segments, positions = [], [], []
+  for k, row in enumerate(rows, start=1):
+    row = [int(x) for x in row if x != 0]
+    tokens += row
+    segments += [k] * len(row)
+    positions += list(range(len(row)))
+  pad = 3
+  return (np.array([tokens + [0] * pad], np.int32),
+          np.array([segments + [0] * pad], np.int32),
+          np.array([positions + [0] * pad], np.int32))
+
+
+@pytest.mark.parametrize('positions', ['sinusoidal', 'learned'])
+def test_packed_rows_match_separate_rows(positions):
+  model = build(positions=positions)
+  src, src_seg, src_pos = _pack(SRC)
+  tgt, tgt_seg, tgt_pos = _pack(TGT)
+  tgt_in = model_lib.shift_right(jnp.asarray(tgt), jnp.asarray(tgt_pos))
+  packed = model(src, tgt_in, src_segments=src_seg, tgt_segments=tgt_seg,
+                 src_positions=src_pos, tgt_positions=tgt_pos)
+  assert np.isfinite(np.asarray(packed)).all()  # Padding rows attend to nothing.
+  separate = model(SRC, model_lib.shift_right(jnp.asarray(TGT)))
+  start = 0
+  for b in range(len(TGT)):
+    n = int((TGT[b] != 0).sum())
+    np.testing.assert_allclose(packed[0, start:start + n], separate[b, :n], atol=1e-5)
+    start += n
+
+
+@pytest.mark.parametrize('impl', ['xla', 'einsum'])
+def test_fully_masked_rows_have_finite_values_and_gradients(impl):
+  cfg = dataclasses.replace(TINY, attention_impl=impl)
+  attention = model_lib.MultiHeadAttention(cfg, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (2, 5, cfg.d_model))
+  # Row 1 is all padding (segment 0): every one of its queries is fully masked.
+  segments = jnp.array([[1, 1, 2, 2, 0], [0, 0, 0, 0, 0]])
+  valid = segments > 0
+  mask = model_lib.attention_mask(valid, valid, query_segments=segments,
+                                  key_segments=segments)
+  assert not np.asarray(mask)[1].any()
+
+  def loss(attention, x):
+    return (attention(x, x, mask) ** 2).sum()
+
+  value, (param_grads, x_grad) = nnx.value_and_grad(loss, argnums=(0, 1))(attention, x)
+  assert np.isfinite(float(value)) and np.isfinite(np.asarray(x_grad)).all()
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(param_grads))
+
+
+@pytest.mark.parametrize('precompute_cross', [True, False])
+def test_cached_decoding_matches_teacher_forcing(model, precompute_cross):
+  tgt_in = model_lib.shift_right(jnp.asarray(TGT))
+  expected = model(SRC, tgt_in)
+  encoded = model.encode(SRC)
+  batch, length = tgt_in.shape
+  cache = model.init_cache(batch, length + 2,
+                           encoded=encoded if precompute_cross else None)
+  for leaf in jax.tree.leaves(cache['layers']):
+    assert leaf.shape[0] == batch
+  step = jax.jit(model_lib.Transformer.decode_step)
+  # Feed the teacher-forced inputs; a pad input is only ever followed by pads.
+  valid = np.asarray(tgt_in != 0)
+  for t in range(length):
+    logits, cache = step(model, encoded, SRC, tgt_in[:, t], cache)
+    assert logits.dtype == jnp.float32
+    rows = valid[:, t]
+    np.testing.assert_allclose(logits[rows], expected[rows, t], atol=1e-5)
+  assert int(cache['index']) == length
+
+
+def test_beam_reordered_cache_follows_its_rows(post_model):
+  model = post_model
+  tgt_in = np.asarray(model_lib.shift_right(jnp.asarray(TGT)))
+  encoded = model.encode(SRC)
+  cache = model.init_cache(3, 4, encoded=encoded)
+  for t in range(2):
+    _, cache = model.decode_step(encoded, SRC, tgt_in[:, t], cache)
+  order = jnp.array([2, 0, 1])
+  take = lambda x: jnp.take(x, order, axis=0)
+  reordered = {'index': cache['index'], 'layers': jax.tree.map(take, cache['layers'])}
+  logits, _ = model.decode_step(encoded[order], SRC[order], tgt_in[order, 2], reordered)
+  expected = model(SRC[order], tgt_in[order])
+  # Reordered rows 1 and 2 (source rows 0 and 1) have a real token at t = 2.
+  np.testing.assert_allclose(logits[1:], expected[1:, 2], atol=1e-5)
+
+
+def test_xla_attention_equals_einsum_reference():
+  xla = build(attention_impl='xla')
+  einsum = build(attention_impl='einsum')
+  for a, b in zip(jax.tree.leaves(nnx.state(xla, nnx.Param)),
+                  jax.tree.leaves(nnx.state(einsum, nnx.Param))):
+    np.testing.assert_array_equal(a, b)
+  src, src_seg, src_pos = _pack(SRC)
+  tgt, tgt_seg, tgt_pos = _pack(TGT)
+  tgt_in = model_lib.shift_right(jnp.asarray(tgt), jnp.asarray(tgt_pos))
+  kwargs = dict(src_segments=src_seg, tgt_segments=tgt_seg, src_positions=src_pos,
+                tgt_positions=tgt_pos)
+  np.testing.assert_allclose(xla(src, tgt_in, **kwargs), einsum(src, tgt_in, **kwargs),
+                             atol=1e-5)
+  tgt_in = model_lib.shift_right(jnp.asarray(TGT))
+  np.testing.assert_allclose(xla(SRC, tgt_in), einsum(SRC, tgt_in), atol=1e-5)
+
+
+@pytest.mark.parametrize('extra_dropout', [False, True])
+def test_dropout_only_when_not_deterministic(extra_dropout):
+  rates = dict(attention_dropout_rate=0.2, relu_dropout_rate=0.2) if extra_dropout else {}
+  model = build(**rates)
+  tgt_in = model_lib.shift_right(jnp.asarray(TGT))
+  first = model(SRC, tgt_in)
+  np.testing.assert_array_equal(model(SRC, tgt_in), first)
+  noisy = model(SRC, tgt_in, deterministic=False)
+  noisy_again = model(SRC, tgt_in, deterministic=False)
+  assert np.abs(noisy - first).max() > 1e-3
+  assert np.abs(noisy_again - noisy).max() > 1e-3
+  nnx.reseed(model, dropout=7)
+  replay = model(SRC, tgt_in, deterministic=False)
+  nnx.reseed(model, dropout=7)
+  np.testing.assert_array_equal(model(SRC, tgt_in, deterministic=False), replay)
+
+
+def test_bfloat16_compute_gives_float32_logits_close_to_float32():
+  full = build()
+  half = build(dtype=jnp.bfloat16)
+  tgt_in = model_lib.shift_right(jnp.asarray(TGT))
+  reference = full(SRC, tgt_in)
+  logits = half(SRC, tgt_in)
+  assert logits.dtype == jnp.float32
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(half, nnx.Param)))
+  scale = np.abs(reference).max()
+  assert np.abs(logits - reference).max() < 0.05 * scale
+  encoded = half.encode(SRC)
+  assert encoded.dtype == jnp.bfloat16
+  step_logits, cache = half.decode_step(encoded, SRC, tgt_in[:, 0],
+                                        half.init_cache(3, 4, encoded=encoded))
+  assert step_logits.dtype == jnp.float32
+  assert cache['layers'][0]['key'].dtype == jnp.bfloat16
+
+
+def test_attention_weights(post_model):
+  tgt_in = model_lib.shift_right(jnp.asarray(TGT))
+  weights = post_model.attention_weights(SRC, tgt_in)
+  b, s = SRC.shape
+  t = tgt_in.shape[1]
+  assert weights['encoder_self'].shape == (2, b, 4, s, s)
+  assert weights['decoder_self'].shape == (2, b, 4, t, t)
+  assert weights['cross'].shape == (2, b, 4, t, s)
+  for probs in weights.values():
+    assert probs.dtype == jnp.float32
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+  # No weight on future target positions or on source padding.
+  future = np.triu(np.ones((t, t), bool), k=1)
+  assert np.abs(np.asarray(weights['decoder_self'])[..., future]).max() == 0
+  cross = np.asarray(weights['cross'])  # [L, B, N, T, S]
+  assert np.abs(cross * (SRC == 0)[None, :, None, None, :]).max() == 0
+
+
+def test_sharded_forward_equals_single_device(post_model):
+  mesh_cfg = default.get_config().mesh
+  mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor = 2, 2, 2
+  mesh = sharding.create_mesh(mesh_cfg)
+  rules = sharding.rules_from_config(mesh_cfg)
+  src = np.concatenate([SRC, SRC[:1]])
+  tgt_in = model_lib.shift_right(jnp.asarray(np.concatenate([TGT, TGT[:1]])))
+  expected = post_model(src, tgt_in)
+  graphdef, state = nnx.split(post_model)
+  with jax.set_mesh(mesh), sharding.logical_rules(rules):
+    state = jax.device_put(state, sharding.param_shardings(state, mesh, rules))
+
+    @jax.jit
+    def forward(state, src, tgt_in):
+      return nnx.merge(graphdef, state)(src, tgt_in)
+
+    batch = sharding.batch_sharding(mesh)
+    logits = forward(state, jax.device_put(src, batch), jax.device_put(tgt_in, batch))
+  np.testing.assert_allclose(logits, expected, atol=1e-5)
