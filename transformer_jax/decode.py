@@ -227,3 +227,127 @@ def strip_eos(tokens: Sequence[int] | np.ndarray, eos_id: int = EOS_ID,
     if t != pad_id:
       out.append(t)
   return out
+
+
+# ----------------------------------------------------------------------------
+# The Transformer wired into the searches.
+
+
+def _is_cross(name: str) -> bool:
+  return name.startswith('cross_')
+
+
+def _split_cross(cache: Cache) -> tuple[Cache, list[dict]]:
+  """Separates the per-layer cross-attention keys/values from the self-attention cache."""
+  self_part = {'index': cache['index'],
+               'layers': [{n: x for n, x in layer.items() if not _is_cross(n)}
+                          for layer in cache['layers']]}
+  cross = [{n: x for n, x in layer.items() if _is_cross(n)} for layer in cache['layers']]
+  return self_part, cross
+
+
+def search_model(graphdef, state, src: jax.Array, *, beam_size: int, alpha: float,
+                 max_extra_len: int, max_decode_len: int, eos_id: int = EOS_ID,
+                 bos_id: int = BOS_ID, pad_id: int = PAD_ID
+                 ) -> tuple[jax.Array, jax.Array]:
+  """Encodes ``src`` once and searches; traceable, so wrap it in ``jax.jit``.
+
+  Args:
+    graphdef, state: ``nnx.split(model)`` of a Transformer.
+    src: [B, S] int32 source ids, ``pad_id`` padded.
+    beam_size: K; 1 runs greedy search (what beam search with K = 1 and
+      alpha = 0 returns).
+    alpha, max_extra_len, max_decode_len, eos_id, bos_id, pad_id: as in
+      :func:`beam_search`.
+
+  Returns:
+    tokens [B, K, L] and scores [B, K] (greedy: K = 1 and scores 0).
+  """
+  from flax import nnx
+  model = nnx.merge(graphdef, state)
+  batch, k = src.shape[0], beam_size
+  src_lengths = jnp.sum(src != pad_id, axis=1).astype(jnp.int32)
+  encoded = model.encode(src)  # [B, S, D]
+  # Cross-attention keys/values are the same for the K beams of a sentence: they are
+  # computed once per sentence and kept out of the cache that beam search reorders.
+  _, cross = _split_cross(model.init_cache(batch, 1, encoded=encoded))
+  if k > 1:
+    encoded, src = (jnp.repeat(x, k, axis=0) for x in (encoded, src))  # B*K rows
+    cross = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), cross)
+  cache, _ = _split_cross(model.init_cache(batch * k, max_decode_len))
+
+  def step_fn(token, cache):
+    full = {'index': cache['index'],
+            'layers': [dict(layer, **c) for layer, c in zip(cache['layers'], cross)]}
+    logits, full = model.decode_step(encoded, src, token, full)
+    return logits, _split_cross(full)[0]
+
+  if k == 1:
+    tokens = greedy_search(step_fn, cache, src_lengths, max_decode_len=max_decode_len,
+                           max_extra_len=max_extra_len, eos_id=eos_id, bos_id=bos_id,
+                           pad_id=pad_id)
+    return tokens[:, None], jnp.zeros((batch, 1), jnp.float32)
+  return beam_search(step_fn, cache, src_lengths, beam_size=k, alpha=alpha,
+                     max_decode_len=max_decode_len, max_extra_len=max_extra_len,
+                     eos_id=eos_id, bos_id=bos_id, pad_id=pad_id)
+
+
+class Decoder:
+  """Translates batches of token ids with a Transformer; one compile per [B, S].
+
+  Example::
+
+    decoder = Decoder(model, beam_size=4, alpha=0.6, max_extra_len=50)
+    best = decoder(src)  # src [B, S] int32 -> B lists of ids, EOS stripped
+
+  With a ``mesh`` the batch is split over its ('data', 'fsdp') axes (padded with
+  empty rows to a multiple of their size) and the parameters follow ``rules``.
+  """
+
+  def __init__(self, model, *, beam_size: int = 4, alpha: float = 0.6,
+               max_extra_len: int = 50, mesh=None, rules=None):
+    from flax import nnx
+    from transformer_jax import sharding
+    if beam_size < 1:
+      raise ValueError(f'beam_size must be >= 1, got {beam_size}.')
+    self.cfg = model.cfg
+    self.beam_size, self.alpha, self.max_extra_len = beam_size, alpha, max_extra_len
+    self.mesh, self.rules = mesh, tuple(rules or ())
+    graphdef, self.state = nnx.split(model)
+    if mesh is not None:
+      self.state = jax.device_put(
+          self.state, sharding.param_shardings(self.state, mesh, self.rules))
+    self._search = jax.jit(functools.partial(
+        search_model, graphdef, beam_size=beam_size, alpha=alpha,
+        max_extra_len=max_extra_len, eos_id=EOS_ID, bos_id=self.cfg.bos_id,
+        pad_id=self.cfg.pad_id), static_argnames='max_decode_len')
+
+  def max_decode_len(self, src_len: int) -> int:
+    """L for a source bucket of length S: S + max_extra_len (Sec 6.1)."""
+    length = src_len + self.max_extra_len
+    if self.cfg.positions == 'learned':
+      length = min(length, self.cfg.max_len)  # The position table ends there.
+    return length
+
+  def search(self, src: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """src [B, S] int32 -> (tokens [B, K, L], scores [B, K]) as numpy, best first."""
+    from transformer_jax import sharding
+    src = np.asarray(src, np.int32)
+    if src.ndim != 2:
+      raise ValueError(f'src must be [batch, length], got shape {src.shape}.')
+    batch = src.shape[0]
+    max_decode_len = self.max_decode_len(src.shape[1])
+    if self.mesh is None:
+      tokens, scores = self._search(self.state, src, max_decode_len=max_decode_len)
+    else:
+      shards = sharding.batch_divisor(self.mesh)
+      padded = np.pad(src, ((0, -batch % shards), (0, 0)), constant_values=self.cfg.pad_id)
+      with jax.set_mesh(self.mesh), sharding.logical_rules(self.rules):
+        placed = jax.device_put(padded, sharding.batch_sharding(self.mesh))
+        tokens, scores = self._search(self.state, placed, max_decode_len=max_decode_len)
+    return np.asarray(tokens)[:batch], np.asarray(scores)[:batch]
+
+  def __call__(self, src: np.ndarray) -> list[list[int]]:
+    """src [B, S] -> the best hypothesis of each row as ids, without EOS."""
+    tokens, _ = self.search(src)
+    return [strip_eos(row, EOS_ID, self.cfg.pad_id) for row in tokens[:, 0]]
