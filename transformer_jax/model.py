@@ -202,9 +202,9 @@ class Embedding(nnx.Module):
 
   def __call__(self, ids: Array) -> Array:
     """ids [B, T] int -> [B, T, D] in the compute dtype."""
-    table = self.embedding[...].astype(self.cfg.dtype)
-    return jnp.take(table, ids, axis=0) * jnp.asarray(math.sqrt(self.cfg.d_model),
-                                                      self.cfg.dtype)
+    # Gather first, then cast: a decoding step touches B rows, not all V.
+    x = jnp.take(self.embedding[...], ids, axis=0).astype(self.cfg.dtype)
+    return x * jnp.asarray(math.sqrt(self.cfg.d_model), self.cfg.dtype)
 
   def attend(self, x: Array) -> Array:
     """Sec 3.4: pre-softmax projection with the embedding matrix. [B,T,D] -> [B,T,V] f32."""
