@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from flax import nnx
 
 from transformer_jax import attention_plots
@@ -188,6 +188,8 @@ def write_outputs(exploration: Exploration, model: model_lib.Transformer,
 def main(argv):
   del argv
   f = flags.FLAGS
+  if not f['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax's INFO lines drown the result.
   out_dir = f.out or os.path.join(f.workdir, 'explore')
   try:
     loaded = load_model(f.workdir, step=f.step, average_last=f.average_last)
