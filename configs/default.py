@@ -79,10 +79,12 @@ def get_config(arg=None):
   t.num_steps = 100_000  # Sec 5.2: base 100k steps, big 300k.
   t.log_every_steps = 100
   t.eval_every_steps = 1000  # Dev loss/perplexity.
-  t.bleu_every_steps = 0  # Dev BLEU with beam search; 0 = only at the end.
+  t.bleu_every_steps = 0  # Dev/test BLEU with beam search; 0 = only at the end, -1 never.
   t.eval_max_batches = 0  # 0 = the whole dev split.
   t.bleu_max_sentences = 0  # 0 = the whole split.
   t.profile = False
+  # MFU denominator (dense bf16 TFLOP/s per device); None = look up the device kind.
+  t.peak_tflops_per_device = config_dict.placeholder(float)
 
   config.checkpoint = ml_collections.ConfigDict()
   c = config.checkpoint

@@ -1,0 +1,74 @@
+"""Command-line entry point: train and evaluate one config in one workdir.
+
+  python -m transformer_jax.main --config=configs/multi30k.py --workdir=runs/multi30k \
+      [--config.model.dropout_rate=0.2 ...]
+
+On several hosts (TPU pod slices, SLURM, or ``--coordinator_address``) every host
+runs the same command; ``jax.distributed.initialize`` joins them first.
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Experiment config file (configs/*.py), with --config.key=value '
+    'overrides.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, the '
+                               'vocabulary and TensorBoard summaries.', required=True)
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'host:port of process 0, for multi-host runs that '
+    'jax cannot detect by itself (TPU pods and SLURM it detects).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in all.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0-based.')
+
+# Environment variables that mean "one of several hosts" to jax.distributed.
+_CLUSTER_ENV = ('JAX_COORDINATOR_ADDRESS', 'SLURM_JOB_ID', 'TPU_WORKER_HOSTNAMES',
+                'MEGASCALE_COORDINATOR_ADDRESS', 'OMPI_COMM_WORLD_SIZE')
+
+
+def _maybe_initialize_distributed() -> None:
+  """Joins the other processes when flags or the environment name a cluster."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if _COORDINATOR.value:
+    if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
+      raise app.UsageError('--coordinator_address needs --num_processes and --process_id.')
+    if jax.default_backend() == 'cpu' or os.environ.get('JAX_PLATFORMS') == 'cpu':
+      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                               _PROCESS_ID.value)
+  elif any(os.environ.get(k) for k in _CLUSTER_ENV) and (
+      os.environ.get('SLURM_NTASKS', '1') != '1' or 'SLURM_JOB_ID' not in os.environ):
+    jax.distributed.initialize()
+  else:
+    return
+  logging.info('Process %d of %d; %d local and %d global devices.', jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  _maybe_initialize_distributed()
+  from transformer_jax import train  # pylint: disable=g-import-not-at-top
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+def parse_flags(argv):
+  """absl flag parsing, with a one-line error for an unknown --config.key."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    bad = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.')]
+    key = str(e).strip("\\'\"")
+    sys.exit(f'Error: unknown config key {key!r} among {bad}: every --config.key must '
+             'name a field the config file defines (see configs/default.py).')
+  except flags.Error as e:
+    sys.exit(f'Error: {e}\nRun with --helpfull for the flags.')
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config'])
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,560 @@
+"""Training: sharded state, the jitted train/eval steps and the loop.
+
+``train_and_evaluate(config, workdir)`` is the whole run: vocabulary and data,
+mesh, parameters created already sharded, Adam with the paper's schedule, a
+``jax.jit`` train step with in/out shardings and donated state, checkpoints
+(resume, preemption), console progress, TensorBoard summaries, dev loss and
+perplexity, and BLEU through ``transformer_jax.evaluate`` at the end.
+
+The pieces it is built from (``TrainSetup``, ``shard_batch``, ``train_flops``)
+are public so tests and benchmarks drive the same code.
+
+The train state is a plain dict ``{'params': nnx.State, 'opt_state': optax state,
+'step': int32}``; ``step`` counts micro-batches (with gradient accumulation, k of
+them make one optimizer update) and seeds dropout, so a resumed run repeats an
+uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from transformer_jax import checkpoint as checkpoint_lib
+from transformer_jax import model as model_lib
+from transformer_jax import optim
+from transformer_jax import sharding
+
+Batch = dict[str, Any]
+# The model inputs of a batch; other keys (e.g. an eval set's 'index') stay on host.
+BATCH_KEYS = ('inputs', 'targets', 'inputs_segmentation', 'inputs_position',
+              'targets_segmentation', 'targets_position')
+
+# Dense peak throughput per device (bf16, FLOP/s) for the MFU estimate; override
+# with config.train.peak_tflops_per_device. CPUs have no fixed figure.
+PEAK_FLOPS = {
+    'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v5p': 459e12,
+    'TPU v6 lite': 918e12, 'TPU v6e': 918e12, 'NVIDIA H100': 989e12,
+    'NVIDIA H200': 989e12, 'NVIDIA A100': 312e12, 'Tesla P100': 9.5e12,
+}
+
+
+# ----------------------------------------------------------------------------
+# FLOPs.
+
+
+def forward_flops(cfg: model_lib.TransformerConfig, batch: int, src_len: int,
+                  tgt_len: int) -> float:
+  """Matmul FLOPs of one teacher-forced forward pass over a [B, S] / [B, T] batch.
+
+  Counts 2 FLOPs per multiply-add of every projection, attention product and
+  the output softmax layer, on padded shapes (what the hardware computes).
+  """
+  d, f, v = cfg.d_model, cfg.d_ff, cfg.vocab_size
+  nh = cfg.num_heads * cfg.qkv_head_dim
+  s, t = src_len, tgt_len
+  enc = cfg.num_encoder_layers * (s * (8 * d * nh + 4 * d * f) + 4 * s * s * nh)
+  dec = cfg.num_decoder_layers * (
+      t * (8 * d * nh + 4 * d * nh + 4 * d * f)  # self q,k,v,o; cross q,o; FFN
+      + s * 4 * d * nh  # cross-attention keys and values of the encoder output
+      + 4 * t * t * nh + 4 * t * s * nh)  # self and cross attention products
+  return float(batch * (enc + dec + t * 2 * d * v))
+
+
+def train_flops(cfg, batch: int, src_len: int, tgt_len: int) -> float:
+  """Forward + backward (twice the forward) FLOPs of one train step."""
+  return 3.0 * forward_flops(cfg, batch, src_len, tgt_len)
+
+
+def peak_flops_per_device(train_cfg) -> float | None:
+  """The MFU denominator: config override, else the device kind's bf16 peak."""
+  override = train_cfg.get('peak_tflops_per_device')
+  if override:
+    return float(override) * 1e12
+  kind = jax.devices()[0].device_kind
+  for name, flops in PEAK_FLOPS.items():
+    if kind.startswith(name):
+      return flops
+  return None
+
+
+# ----------------------------------------------------------------------------
+# Sharded state and steps.
+
+
+def _full_tree(abstract, shardings):
+  """The ``shardings`` prefix tree expanded to ``abstract``'s full structure."""
+  leaves, treedef = jax.tree.flatten(abstract)
+  return treedef.unflatten(jax.tree.leaves(shardings))
+
+
+def shard_batch(batch: Batch, mesh: jax.sharding.Mesh) -> Batch:
+  """This process's numpy batch -> global jax arrays split over ('data', 'fsdp').
+
+  Every process passes its own rows; the global batch is their concatenation.
+  """
+  out = {}
+  for key, value in batch.items():
+    if key not in BATCH_KEYS:
+      continue
+    value = np.asarray(value)
+    out[key] = jax.make_array_from_process_local_data(
+        sharding.batch_sharding(mesh, value.ndim), value)
+  return out
+
+
+@dataclasses.dataclass
+class TrainSetup:
+  """Model, optimizer, shardings and jitted steps for one config on one mesh.
+
+  Attributes:
+    model_cfg: the TransformerConfig.
+    mesh, rules: the device mesh and logical-axis rules.
+    graphdef, rest: the model's structure and its non-parameter state (RNG
+      streams), which is not trained.
+    tx: the optax transformation.
+    state_shardings: NamedShardings of the train-state dict.
+    abstract_state: ShapeDtypeStructs (with shardings) of the train-state dict.
+  """
+  config: Any
+  model_cfg: model_lib.TransformerConfig
+  mesh: jax.sharding.Mesh
+  rules: sharding.Rules
+  graphdef: Any
+  rest: Any
+  tx: optax.GradientTransformation
+  state_shardings: dict
+  abstract_state: dict
+  _compiled: dict = dataclasses.field(default_factory=dict)
+
+  @classmethod
+  def create(cls, config, vocab_size: int, mesh: jax.sharding.Mesh) -> 'TrainSetup':
+    model_cfg = model_lib.TransformerConfig.from_config(config.model, vocab_size)
+    sharding.check_divides(mesh, num_heads=model_cfg.num_heads, vocab_size=vocab_size,
+                           d_ff=model_cfg.d_ff)
+    rules = sharding.rules_from_config(config.mesh)
+    tx = optim.make_optimizer(config.optim, model_cfg.d_model)
+    abstract_model = nnx.eval_shape(
+        lambda: model_lib.Transformer(model_cfg, rngs=nnx.Rngs(params=0, dropout=0)))
+    graphdef, abstract_params, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    abstract = {'params': abstract_params, 'opt_state': abstract_opt,
+                'step': jax.ShapeDtypeStruct((), jnp.int32)}
+    shardings = {
+        'params': _full_tree(abstract_params, sharding.param_shardings(
+            abstract_params, mesh, rules)),
+        'opt_state': _full_tree(abstract_opt, sharding.param_shardings(
+            abstract_opt, mesh, rules)),
+        'step': replicated,
+    }
+    del abstract_rest
+    rest = _init_rest(model_cfg, config.seed, replicated)
+    return cls(config=config, model_cfg=model_cfg, mesh=mesh, rules=rules,
+               graphdef=graphdef, rest=rest, tx=tx, state_shardings=shardings,
+               abstract_state=checkpoint_lib.with_shardings(abstract, shardings))
+
+  def init_state(self) -> dict:
+    """Fresh parameters and optimizer state, created directly with their shardings."""
+    model_cfg, tx, seed = self.model_cfg, self.tx, self.config.seed
+
+    def init():
+      model = model_lib.Transformer(
+          model_cfg, rngs=nnx.Rngs(params=jax.random.key(seed), dropout=0))
+      params = nnx.state(model, nnx.Param)
+      return {'params': params, 'opt_state': tx.init(params),
+              'step': jnp.zeros((), jnp.int32)}
+
+    with jax.set_mesh(self.mesh):
+      return jax.jit(init, out_shardings=self.state_shardings)()
+
+  # -- steps ---------------------------------------------------------------
+
+  def _dropout_rest(self, params, step):
+    """The RNG-stream state reseeded for ``step``.
+
+    Dropout masks depend only on (seed, step), so a resumed run is exact. Done
+    outside ``jax.grad``: NNX variables may only change at their own trace level.
+    """
+    model = nnx.merge(self.graphdef, params, self.rest, copy=True)
+    nnx.reseed(model, dropout=jax.random.fold_in(
+        jax.random.key(self.config.seed + 1), step))
+    return nnx.split(model, nnx.Param, ...)[2]
+
+  def _loss_fn(self, params, rest, batch: Batch, *, train: bool):
+    # Fresh Variables at this trace level: dropout advances its RNG counter.
+    model = nnx.merge(self.graphdef, params, rest, copy=True)
+    targets = batch['targets']
+    tgt_in = model_lib.shift_right(
+        targets, batch.get('targets_position'), bos_id=self.model_cfg.bos_id,
+        pad_id=self.model_cfg.pad_id)
+    logits = model(batch['inputs'], tgt_in,
+                   src_segments=batch.get('inputs_segmentation'),
+                   tgt_segments=batch.get('targets_segmentation'),
+                   src_positions=batch.get('inputs_position'),
+                   tgt_positions=batch.get('targets_position'),
+                   deterministic=not train)
+    loss_sum, nll_sum, ntok = optim.label_smoothed_loss(
+        logits, targets, self.config.optim.label_smoothing, self.model_cfg.pad_id)
+    return loss_sum / jnp.maximum(ntok, 1.0), {
+        'loss_sum': loss_sum, 'nll_sum': nll_sum, 'tokens': ntok}
+
+  def _train_step(self, state: dict, batch: Batch):
+    grad_fn = jax.value_and_grad(functools.partial(self._loss_fn, train=True),
+                                 has_aux=True)
+    rest = self._dropout_rest(state['params'], state['step'])
+    (_, sums), grads = grad_fn(state['params'], rest, batch)
+    updates, opt_state = self.tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    sums['grad_norm'] = optax.global_norm(grads)
+    return {'params': params, 'opt_state': opt_state,
+            'step': state['step'] + 1}, sums
+
+  def _eval_step(self, params, batch: Batch):
+    return self._loss_fn(params, self.rest, batch, train=False)[1]
+
+  @functools.cached_property
+  def _jitted_train(self):
+    batch_spec = sharding.batch_sharding(self.mesh, 2)
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    return jax.jit(self._train_step,
+                   in_shardings=(self.state_shardings, batch_spec),
+                   out_shardings=(self.state_shardings, replicated),
+                   donate_argnums=(0,))
+
+  @functools.cached_property
+  def _jitted_eval(self):
+    batch_spec = sharding.batch_sharding(self.mesh, 2)
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    return jax.jit(self._eval_step,
+                   in_shardings=(self.state_shardings['params'], batch_spec),
+                   out_shardings=replicated)
+
+  def compiled_train_step(self, batch: Batch) -> Callable:
+    """The train step compiled for this batch's shapes (one compile per shape)."""
+    key = tuple(sorted((k, v.shape) for k, v in batch.items()))
+    if key not in self._compiled:
+      with jax.set_mesh(self.mesh), sharding.logical_rules(self.rules):
+        lowered = self._jitted_train.lower(self.abstract_state, batch)
+        compiled = lowered.compile()
+      if not self._compiled:
+        _log_memory(compiled, key)
+      self._compiled[key] = compiled
+    return self._compiled[key]
+
+  def train_step(self, state: dict, batch: Batch):
+    """One step: (state, global batch) -> (new state, metric sums). Donates state."""
+    with jax.set_mesh(self.mesh), sharding.logical_rules(self.rules):
+      return self.compiled_train_step(batch)(state, batch)
+
+  def eval_step(self, params, batch: Batch) -> dict:
+    """Deterministic loss sums over a global batch (no update)."""
+    with jax.set_mesh(self.mesh), sharding.logical_rules(self.rules):
+      return self._jitted_eval(params, batch)
+
+  def learning_rate(self, step: int) -> float:
+    """The learning rate the update at micro-step ``step`` (0-based) used."""
+    schedule = optim.learning_rate_schedule(
+        self.model_cfg.d_model, self.config.optim.warmup_steps,
+        self.config.optim.learning_rate_scale)
+    return float(schedule(step // max(1, self.config.optim.grad_accum_steps)))
+
+
+def _init_rest(model_cfg, seed, out_sharding):
+  """The model's RNG-stream state; jit drops the unused parameter initialisers."""
+
+  def init():
+    model = model_lib.Transformer(model_cfg, rngs=nnx.Rngs(params=0, dropout=seed + 1))
+    return nnx.split(model, nnx.Param, ...)[2]
+
+  return jax.jit(init, out_shardings=out_sharding)()
+
+
+def _log_memory(compiled, key) -> None:
+  try:
+    mem = compiled.memory_analysis()
+  except Exception:  # Some backends do not implement it.
+    mem = None
+  if mem is None:
+    logging.info('Compiled train step for %s (no memory analysis on this backend).', key)
+    return
+  logging.info(
+      'Compiled train step for %s, per device: arguments %s, outputs %s (%s aliased '
+      'by donation), temporaries %s, code %s.', key, _bytes(mem.argument_size_in_bytes),
+      _bytes(mem.output_size_in_bytes), _bytes(mem.alias_size_in_bytes),
+      _bytes(mem.temp_size_in_bytes), _bytes(mem.generated_code_size_in_bytes))
+
+
+def _bytes(n: float) -> str:
+  for unit in ('B', 'KiB', 'MiB', 'GiB'):
+    if n < 1024 or unit == 'GiB':
+      return f'{n:.1f} {unit}'
+    n /= 1024
+  return ''
+
+
+# ----------------------------------------------------------------------------
+# The loop.
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop polls, so it can save before exiting.
+
+  With several processes, jax's preemption service (jax.distributed) owns
+  SIGTERM and orbax's ``reached_preemption`` makes every process agree.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    if jax.process_count() == 1:
+      try:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+      except ValueError:  # Not the main thread.
+        self._previous = None
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM: saving a checkpoint and stopping.')
+    self.requested = True
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def evaluate_loss(setup: TrainSetup, params, eval_set, batch_size: int,
+                  max_batches: int = 0) -> dict[str, float]:
+  """Dev loss (label-smoothed) and per-token perplexity (plain NLL), Table 3's PPL.
+
+  ``eval_set.batches(batch_size)`` yields this process's rows of each global batch.
+  """
+  totals = {'loss_sum': 0.0, 'nll_sum': 0.0, 'tokens': 0.0}
+  for i, batch in enumerate(eval_set.batches(batch_size)):
+    if max_batches and i >= max_batches:
+      break
+    sums = jax.device_get(setup.eval_step(params, shard_batch(batch, setup.mesh)))
+    for k in totals:
+      totals[k] += float(sums[k])
+  ntok = max(totals['tokens'], 1.0)
+  return {'loss': totals['loss_sum'] / ntok,
+          'perplexity': float(np.exp(totals['nll_sum'] / ntok)),
+          'tokens': totals['tokens']}
+
+
+def _bleu(setup, params, tokenizer, eval_sets, config, workdir, step, writer):
+  """Dev/test BLEU through transformer_jax.evaluate (beam search, Sec 6.1)."""
+  try:
+    from transformer_jax import evaluate as evaluate_lib
+  except ImportError:
+    logging.info('transformer_jax.evaluate is not available: skipping BLEU.')
+    return {}
+  model = nnx.merge(setup.graphdef, params, setup.rest)
+  results = {}
+  for split, eval_set in eval_sets.items():
+    scores = evaluate_lib.evaluate_bleu(
+        model, tokenizer, eval_set, config, workdir=workdir, step=step, split=split,
+        max_sentences=config.train.bleu_max_sentences or None)
+    for name, value in scores.items():
+      if isinstance(value, (int, float)):
+        results[f'{split}/{name}'] = float(value)
+  logging.info('step %d BLEU: %s', step, results)
+  if writer is not None:
+    _write_scalars(writer, step, results)
+    writer.flush()
+  return results
+
+
+def write_config(config, workdir: str) -> None:
+  """workdir/config.json: what the translate CLI and restore_params read."""
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, checkpoint_lib.CONFIG_FILE)
+    with open(path + '.tmp', 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+    os.replace(path + '.tmp', path)
+
+
+def _summary_writer(workdir: str):
+  if jax.process_index() != 0:
+    return None
+  from flax.metrics import tensorboard
+  return tensorboard.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+
+def _get_datasets(config, workdir, batch_multiple):
+  from transformer_jax import input_pipeline
+  return input_pipeline.get_datasets(
+      config, workdir, process_index=jax.process_index(),
+      process_count=jax.process_count(), batch_multiple=batch_multiple)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint).
+
+  Returns:
+    ``{'step': last step, 'train_loss': {step: loss}, 'eval': last dev metrics,
+    'bleu': BLEU results}``; the per-step losses are those of this invocation.
+  """
+  workdir = os.path.abspath(workdir)
+  write_config(config, workdir)
+  mesh = sharding.create_mesh(config.mesh)
+  # Every local device holding a batch shard gets whole rows.
+  local_batch_shards = max(1, sharding.batch_divisor(mesh) // jax.process_count())
+  tokenizer, train_iter, eval_sets = _get_datasets(config, workdir, local_batch_shards)
+  setup = TrainSetup.create(config, tokenizer.vocab_size, mesh)
+  ckpt = checkpoint_lib.TrainCheckpointer(workdir, config.checkpoint)
+  meta = {'vocab_fingerprint': tokenizer.fingerprint()['sha256'],
+          'vocab_size': tokenizer.vocab_size,
+          'param_shapes': checkpoint_lib.param_shapes(setup.abstract_state['params'])}
+
+  latest = ckpt.latest_step()
+  if latest is None:
+    state = setup.init_state()
+    logging.info('Initialised %s parameters on mesh %s.', f'{_count(state["params"]):,}',
+                 dict(mesh.shape))
+  else:
+    params, opt_state, data_state, _ = ckpt.restore(
+        latest, setup.abstract_state['params'], setup.abstract_state['opt_state'], meta)
+    state = {'params': params, 'opt_state': opt_state,
+             'step': jax.device_put(jnp.asarray(latest, jnp.int32),
+                                    setup.state_shardings['step'])}
+    train_iter.set_state(data_state)
+    logging.info('Resumed from step %d in %s.', latest, ckpt.directory)
+
+  accum = max(1, config.optim.grad_accum_steps)
+  total_steps = config.train.num_steps * accum
+  step = int(latest or 0)
+  writer = _summary_writer(workdir)
+  if writer is not None and step == 0:
+    writer.hparams(_flat_hparams(config))
+  peak = peak_flops_per_device(config.train)
+  preemption = _Preemption()
+  log_every = max(1, config.train.log_every_steps)
+  history, pending, eval_metrics = {}, [], {}
+  window_start, window_flops = time.time(), 0.0
+  skip_tokens = step
+  try:
+    while step < total_steps:
+      local = next(train_iter)
+      batch = shard_batch(local, mesh)
+      compiles = len(setup._compiled)
+      state, sums = setup.train_step(state, batch)
+      step += 1
+      if len(setup._compiled) != compiles:  # Time compiling is not step time.
+        jax.block_until_ready(sums)
+        window_start, window_flops, skip_tokens = time.time(), 0.0, step
+      else:
+        b, s = batch['inputs'].shape
+        window_flops += train_flops(setup.model_cfg, b, s, batch['targets'].shape[1])
+      pending.append((step, sums))
+
+      stop = preemption.requested or ckpt.reached_preemption(step)
+      if step % log_every == 0 or step == total_steps or stop:
+        fetched = jax.device_get([p[1] for p in pending])
+        for (i, _), m in zip(pending, fetched):
+          history[i] = float(m['loss_sum']) / max(float(m['tokens']), 1.0)
+        tokens = sum(float(m['tokens']) for m in fetched)
+        timed = [(i, m) for (i, _), m in zip(pending, fetched) if i > skip_tokens]
+        timed_tokens = sum(float(m['tokens']) for _, m in timed)
+        loss = sum(float(m['loss_sum']) for m in fetched) / max(tokens, 1.0)
+        nll = sum(float(m['nll_sum']) for m in fetched) / max(tokens, 1.0)
+        elapsed = time.time() - window_start
+        metrics = {
+            'train/loss': loss, 'train/perplexity': float(np.exp(nll)),
+            'train/learning_rate': setup.learning_rate(step - 1),
+            'train/grad_norm': float(fetched[-1]['grad_norm']),
+            'train/tokens_per_second': timed_tokens / elapsed,
+            'train/step_seconds': elapsed / max(len(timed), 1)}
+        mfu = ''
+        if peak:
+          metrics['train/mfu'] = window_flops / elapsed / (peak * jax.device_count())
+          mfu = f' mfu {100 * metrics["train/mfu"]:.1f}%'
+        logging.info(
+            'step %d/%d (update %d) loss %.4f ppl %.2f lr %.3g %s target tokens/s%s '
+            'ETA %s', step, total_steps, step // accum, loss, np.exp(nll),
+            metrics['train/learning_rate'], f'{metrics["train/tokens_per_second"]:,.0f}',
+            mfu, _eta((total_steps - step) * metrics['train/step_seconds']))
+        if writer is not None:
+          _write_scalars(writer, step, metrics)
+        pending, window_flops = [], 0.0
+        window_start = time.time()
+
+      every_eval = config.train.eval_every_steps
+      if eval_sets and every_eval and (step % every_eval == 0 or step == total_steps):
+        eval_metrics = evaluate_loss(
+            setup, state['params'], eval_sets['validation'],
+            config.data.eval_batch_size, config.train.eval_max_batches)
+        logging.info('step %d dev loss %.4f dev ppl %.2f', step, eval_metrics['loss'],
+                     eval_metrics['perplexity'])
+        if writer is not None:
+          _write_scalars(writer, step, {'eval/loss': eval_metrics['loss'],
+                                      'eval/perplexity': eval_metrics['perplexity']})
+          writer.flush()
+        window_start = time.time()
+
+      saved = ckpt.save(step, state['params'], state['opt_state'],
+                        train_iter.get_state(), meta,
+                        force=stop or step == total_steps)
+      if saved:
+        logging.info('Saving checkpoint for step %d.', step)
+      if stop:
+        logging.warning('Stopped at step %d after a preemption request.', step)
+        break
+      every_bleu = config.train.bleu_every_steps
+      if every_bleu > 0 and step % every_bleu == 0 and step != total_steps:
+        _bleu(setup, state['params'], tokenizer, eval_sets, config, workdir, step, writer)
+        window_start = time.time()
+  finally:
+    preemption.restore()
+    ckpt.close()
+
+  bleu = {}
+  if step >= total_steps and eval_sets and config.train.bleu_every_steps >= 0:
+    bleu = _bleu(setup, state['params'], tokenizer, eval_sets, config, workdir, step,
+                 writer)
+  if writer is not None:
+    writer.close()
+  return {'step': step, 'train_loss': history, 'eval': eval_metrics, 'bleu': bleu,
+          'state': state, 'setup': setup}
+
+
+def _write_scalars(writer, step: int, scalars: dict) -> None:
+  for name, value in scalars.items():
+    writer.scalar(name, value, step)
+
+
+def _count(params) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+def _eta(seconds: float) -> str:
+  seconds = int(seconds)
+  return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s'
+
+
+def _flat_hparams(config) -> dict:
+  flat = {}
+
+  def visit(prefix, value):
+    if hasattr(value, 'items'):
+      for k, v in value.items():
+        visit(f'{prefix}{k}.', v)
+    else:
+      flat[prefix[:-1]] = value if isinstance(value, (int, float, str, bool)) else str(
+          value)
+
+  visit('', config)
+  return flat
