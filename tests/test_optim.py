@@ -1,0 +1,120 @@
+"""Tests for transformer_jax.optim: the paper's schedule, Adam, accumulation, loss."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from configs import default
+from transformer_jax import optim
+
+
+def _paper_lrate(step, d_model=512, warmup=4000):
+  return d_model**-0.5 * min(step**-0.5, step * warmup**-1.5)
+
+
+@pytest.mark.parametrize('step', [1, 2, 100, 3999, 4000, 4001, 10_000, 100_000])
+def test_schedule_is_the_papers_formula(step):
+  schedule = optim.learning_rate_schedule(512, 4000)
+  # optax counts updates from 0; the paper's step 1 is the first update.
+  assert float(schedule(step - 1)) == pytest.approx(_paper_lrate(step), rel=1e-6)
+
+
+def test_schedule_peaks_at_warmup_and_scales():
+  schedule = optim.learning_rate_schedule(1024, 4000, scale=2.0)
+  peak = 2.0 * 1024**-0.5 * 4000**-0.5  # ~9.9e-4 for the big model.
+  values = np.array([float(schedule(c)) for c in (3998, 3999, 4000)])
+  assert values[1] == pytest.approx(peak, rel=1e-6)
+  assert values[0] < values[1] and values[2] < values[1]
+
+
+def _optim_cfg(**overrides):
+  cfg = ml_collections.ConfigDict(default.get_config().optim.to_dict())
+  cfg.update(overrides)
+  return cfg
+
+
+def test_adam_first_update_is_lr_times_sign():
+  # Adam's first bias-corrected step is g / (|g| + eps): -lrate(1) * sign(g).
+  tx = optim.make_optimizer(_optim_cfg(), d_model=512)
+  params = {'w': jnp.zeros((3,))}
+  grads = {'w': jnp.array([0.5, -2.0, 1e-3])}
+  updates, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(updates['w'], -_paper_lrate(1) * np.sign(grads['w']),
+                             rtol=1e-5)
+
+
+def test_adam_uses_the_papers_betas():
+  tx = optim.make_optimizer(_optim_cfg(), d_model=512)
+  params = {'w': jnp.zeros(())}
+  state = tx.init(params)
+  g1, g2 = jnp.array(1.0), jnp.array(3.0)
+  _, state = tx.update({'w': g1}, state, params)
+  updates, _ = tx.update({'w': g2}, state, params)
+  m = 0.9 * 0.1 * 1.0 + 0.1 * 3.0
+  v = 0.98 * 0.02 * 1.0 + 0.02 * 9.0
+  m_hat, v_hat = m / (1 - 0.9**2), v / (1 - 0.98**2)
+  expected = -_paper_lrate(2) * m_hat / (np.sqrt(v_hat) + 1e-9)
+  assert float(updates['w']) == pytest.approx(expected, rel=1e-5)
+
+
+def test_multisteps_accumulates_then_applies_the_mean_gradient():
+  accum = optim.make_optimizer(_optim_cfg(grad_accum_steps=2), d_model=512)
+  single = optim.make_optimizer(_optim_cfg(), d_model=512)
+  params = {'w': jnp.array([1.0, 2.0])}
+  g_a, g_b = {'w': jnp.array([0.2, -1.0])}, {'w': jnp.array([0.6, 0.4])}
+  state = accum.init(params)
+  u1, state = accum.update(g_a, state, params)
+  np.testing.assert_array_equal(u1['w'], 0.0)  # First micro-batch: no update.
+  u2, _ = accum.update(g_b, state, params)
+  mean = jax.tree.map(lambda a, b: (a + b) / 2, g_a, g_b)
+  expected, _ = single.update(mean, single.init(params), params)
+  np.testing.assert_allclose(u2['w'], expected['w'], rtol=1e-6)
+
+
+def test_weight_decay_and_clipping_are_applied():
+  params = {'w': jnp.array([2.0])}
+  zero = {'w': jnp.array([0.0])}
+  tx = optim.make_optimizer(_optim_cfg(weight_decay=0.1), d_model=512)
+  updates, _ = tx.update(zero, tx.init(params), params)
+  np.testing.assert_allclose(updates['w'], -_paper_lrate(1) * 0.1 * 2.0, rtol=1e-5)
+  # Clipping rescales the gradient before Adam: visible in Adam's second moment.
+  tx = optim.make_optimizer(_optim_cfg(clip_grad_norm=1.0), d_model=512)
+  _, state = tx.update({'w': jnp.array([10.0])}, tx.init(params), params)
+  adam_state = [s for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(
+      s, optax.ScaleByAdamState)) if isinstance(s, optax.ScaleByAdamState)][0]
+  assert float(adam_state.nu['w'][0]) == pytest.approx(0.02 * 1.0**2, rel=1e-5)
+
+
+def test_label_smoothed_loss_equals_hand_computation():
+  logits = jnp.array([[[2.0, 0.5, -1.0, 0.0], [0.0, 1.0, 3.0, -2.0],
+                       [9.0, 9.0, 9.0, 9.0]]])  # [B=1, T=3, V=4]
+  targets = jnp.array([[1, 2, 0]])  # Last position is padding.
+  loss_sum, nll_sum, ntok = optim.label_smoothed_loss(logits, targets, 0.1)
+  expected_loss, expected_nll = 0.0, 0.0
+  for t in range(2):
+    z = np.asarray(logits[0, t], np.float64)
+    logp = z - np.log(np.exp(z).sum())
+    q = np.full(4, 0.1 / 4)
+    q[int(targets[0, t])] += 0.9  # optax.smooth_labels: (1-a) one_hot + a/V.
+    expected_loss += -(q * logp).sum()
+    expected_nll += -logp[int(targets[0, t])]
+  assert float(ntok) == 2.0
+  assert float(loss_sum) == pytest.approx(expected_loss, rel=1e-6)
+  assert float(nll_sum) == pytest.approx(expected_nll, rel=1e-6)
+  # Without smoothing the loss is the plain negative log-likelihood.
+  plain, _, _ = optim.label_smoothed_loss(logits, targets, 0.0)
+  assert float(plain) == pytest.approx(expected_nll, rel=1e-6)
+
+
+def test_entropy_constant_is_the_loss_floor():
+  vocab, eps = 7, 0.1
+  q = np.full(vocab, eps / vocab)
+  q[3] += 1 - eps
+  logits = jnp.log(jnp.asarray(q, jnp.float32))[None, None]  # The target itself.
+  loss_sum, _, _ = optim.label_smoothed_loss(logits, jnp.array([[3]]), eps)
+  assert float(loss_sum) == pytest.approx(optim.smoothed_label_entropy(vocab, eps),
+                                          rel=1e-5)
+  assert optim.smoothed_label_entropy(vocab, 0.0) == 0.0
