@@ -292,6 +292,17 @@ def search_model(graphdef, state, src: jax.Array, *, beam_size: int, alpha: floa
                      eos_id=eos_id, bos_id=bos_id, pad_id=pad_id)
 
 
+@functools.lru_cache(maxsize=16)
+def _compiled_search(graphdef, beam_size: int, alpha: float, max_extra_len: int,
+                     bos_id: int, pad_id: int):
+  """One jitted search per model structure and settings, shared by every Decoder, so
+  decoding again with new parameters (evaluation during training) does not recompile."""
+  return jax.jit(functools.partial(
+      search_model, graphdef, beam_size=beam_size, alpha=alpha,
+      max_extra_len=max_extra_len, eos_id=EOS_ID, bos_id=bos_id, pad_id=pad_id),
+      static_argnames='max_decode_len')
+
+
 class Decoder:
   """Translates batches of token ids with a Transformer; one compile per [B, S].
 
@@ -317,10 +328,8 @@ class Decoder:
     if mesh is not None:
       self.state = jax.device_put(
           self.state, sharding.param_shardings(self.state, mesh, self.rules))
-    self._search = jax.jit(functools.partial(
-        search_model, graphdef, beam_size=beam_size, alpha=alpha,
-        max_extra_len=max_extra_len, eos_id=EOS_ID, bos_id=self.cfg.bos_id,
-        pad_id=self.cfg.pad_id), static_argnames='max_decode_len')
+    self._search = _compiled_search(graphdef, beam_size, float(alpha),
+                                    int(max_extra_len), self.cfg.bos_id, self.cfg.pad_id)
 
   def max_decode_len(self, src_len: int) -> int:
     """L for a source bucket of length S: S + max_extra_len (Sec 6.1)."""

@@ -1,0 +1,176 @@
+"""BLEU of a dev/test split: translate it, score it both ways, write the results.
+
+  python -m transformer_jax.evaluate --workdir=DIR [--split=test] [--average_last=5]
+      [--checkpoint_step=N] [--beam_size=4] [--source_file=F --reference_file=F]
+
+translates the split named by the workdir's config (``validation`` =
+``config.data.eval_split``, newstest2013 for WMT14; ``test`` = ``test_split``,
+newstest2014) or the given text files with beam search (Sec 6.1), and writes
+
+  DIR/eval/<split>.hyp.txt   the translations, one a line, in corpus order
+  DIR/eval/<split>.json      {'sacrebleu', 'sacrebleu_signature', 'tok_bleu',
+                              'num_sentences', 'step', ...}
+
+``tok_bleu`` is the paper's tokenized, compound-split BLEU; ``sacrebleu`` the
+detokenized figure people compare today (see ``bleu.py``). Training calls
+:func:`evaluate_bleu` on its evaluation sets at the end of a run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+import jax
+from absl import app, flags, logging
+
+from transformer_jax import bleu
+from transformer_jax import decode as decode_lib
+from transformer_jax import translate
+
+EVAL_DIR = 'eval'
+
+
+def write_results(workdir: str, split: str, hypotheses: Sequence[str],
+                  results: dict) -> str:
+  """Writes DIR/eval/<split>.hyp.txt and DIR/eval/<split>.json atomically.
+
+  Returns:
+    The path of the JSON file.
+  """
+  folder = os.path.join(workdir, EVAL_DIR)
+  os.makedirs(folder, exist_ok=True)
+  for name, text in ((f'{split}.hyp.txt', ''.join(h + '\n' for h in hypotheses)),
+                     (f'{split}.json', json.dumps(results, indent=2) + '\n')):
+    path = os.path.join(folder, name)
+    with open(path + '.tmp', 'w', encoding='utf-8') as f:
+      f.write(text)
+    os.replace(path + '.tmp', path)
+  return path
+
+
+def score_translations(hypotheses: Sequence[str], references: Sequence[str], *,
+                       lang: str, step: int | None) -> dict:
+  """The JSON-able result of one evaluation (both BLEU figures, corpus size, step)."""
+  scores = bleu.compute_bleu(hypotheses, references, lang=lang)
+  return {'sacrebleu': scores.sacrebleu, 'tok_bleu': scores.tok_bleu,
+          'num_sentences': scores.num_sentences,
+          'step': None if step is None else int(step),
+          'sacrebleu_signature': scores.sacrebleu_signature,
+          'tok_bleu_method': f'moses tokenizer -l {lang}, ##AT##-##AT## compounds, '
+                             'multi-bleu'}
+
+
+def evaluate_translator(translator: translate.Translator, sources: Sequence[str],
+                        references: Sequence[str], *, split: str,
+                        workdir: str | None = None, step: int | None = None,
+                        progress: bool = True, extra: dict | None = None) -> dict:
+  """Translates ``sources``, scores against ``references``, writes the files.
+
+  ``extra`` entries (e.g. which checkpoints were averaged) join the results.
+  """
+  if len(sources) != len(references):
+    raise ValueError(f'{split}: {len(sources)} sources but {len(references)} references.')
+  start = time.perf_counter()
+  hypotheses = translate.translate_lines(translator, sources, progress=progress,
+                                         where=f'{split} split')
+  seconds = time.perf_counter() - start
+  decoder = translator.decoder
+  results = score_translations(hypotheses, references,
+                               lang=translator.config.data.target_lang, step=step)
+  results.update(split=split, beam_size=decoder.beam_size, length_penalty=decoder.alpha,
+                 max_extra_length=decoder.max_extra_len, decode_seconds=seconds,
+                 **(extra or {}))
+  if workdir is not None and jax.process_index() == 0:
+    path = write_results(workdir, split, hypotheses, results)
+    logging.info('%s: sacreBLEU %.2f, tokenized BLEU %.2f on %d sentences -> %s', split,
+                 results['sacrebleu'], results['tok_bleu'], len(sources), path)
+  return results
+
+
+def evaluate_bleu(model, tokenizer, eval_set, config, *, workdir: str | None = None,
+                  step: int | None = None, split: str | None = None,
+                  max_sentences: int | None = None, progress: bool = False) -> dict:
+  """BLEU of ``model`` on an evaluation set, with ``config.eval``'s beam search.
+
+  Args:
+    model: a Transformer (e.g. ``nnx.merge`` of the training parameters).
+    tokenizer: the run's Tokenizer.
+    eval_set: anything with ``sources`` and ``references`` lists
+      (``input_pipeline.EvalSet``).
+    config: the run's ConfigDict (``eval``, ``data`` groups).
+    workdir: where ``eval/<split>.json`` and ``eval/<split>.hyp.txt`` go; None
+      writes nothing.
+    step: the training step, recorded in the results.
+    split: the split's name (default ``eval_set.name``).
+    max_sentences: score only the first N sentences.
+
+  Returns:
+    {'sacrebleu', 'tok_bleu', 'num_sentences', 'step', 'sacrebleu_signature', ...}.
+  """
+  split = split or getattr(eval_set, 'name', 'eval')
+  n = max_sentences or len(eval_set.sources)
+  e = config.eval
+  decoder = decode_lib.Decoder(model, beam_size=e.beam_size, alpha=e.length_penalty,
+                               max_extra_len=e.max_extra_length)
+  translator = translate.Translator(model, tokenizer, config, decoder, step)
+  return evaluate_translator(translator, list(eval_set.sources[:n]),
+                             list(eval_set.references[:n]), split=split,
+                             workdir=workdir, step=step, progress=progress)
+
+
+def _read_pairs(source_file: str, reference_file: str) -> tuple[list[str], list[str]]:
+  from transformer_jax.datasets import parallel_text
+  text = parallel_text.read_parallel(source_file, reference_file)
+  if text.skipped_empty:
+    logging.warning('%s / %s: skipped %d pairs with an empty side (lines %s).',
+                    source_file, reference_file, len(text.skipped_empty),
+                    text.skipped_empty[:10])
+  return [p[0] for p in text.pairs], [p[1] for p in text.pairs]
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  f = flags.FLAGS
+  try:
+    translator = translate.translator_from_flags()
+    config = translator.config
+    if f.source_file or f.reference_file:
+      if not (f.source_file and f.reference_file):
+        raise ValueError('--source_file and --reference_file go together.')
+      sources, references = _read_pairs(f.source_file, f.reference_file)
+    else:
+      from transformer_jax.datasets import sources as sources_lib
+      pairs = sources_lib.load_pairs(config.data, f.split)
+      if pairs is None:
+        raise ValueError(f'The config of {f.workdir} names no {f.split} split; pass '
+                         '--source_file and --reference_file.')
+      sources, references = [p[0] for p in pairs], [p[1] for p in pairs]
+  except (FileNotFoundError, ValueError) as e:
+    print(f'evaluate: {e}', file=sys.stderr)
+    sys.exit(1)
+  if f.max_sentences:
+    sources, references = sources[:f.max_sentences], references[:f.max_sentences]
+  step = translator.step
+  if step is None:
+    from transformer_jax import checkpoint as checkpoint_lib
+    step = checkpoint_lib.TrainCheckpointer(f.workdir, config.checkpoint,
+                                            read_only=True).latest_step()
+  results = evaluate_translator(translator, sources, references, split=f.split,
+                                workdir=f.workdir, step=step,
+                                extra={'average_last': f.average_last or 1})
+  print(json.dumps(results, indent=2))
+
+
+if __name__ == '__main__':
+  translate.define_flags()
+  flags.DEFINE_enum('split', 'test', ['validation', 'test'],
+                    'validation = config.data.eval_split, test = config.data.test_split.')
+  flags.DEFINE_string('source_file', None, 'Evaluate these sources instead of the split.')
+  flags.DEFINE_string('reference_file', None, 'References aligned with --source_file.')
+  flags.DEFINE_integer('max_sentences', None, 'Only the first N sentences.')
+  app.run(main)
