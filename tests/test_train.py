@@ -1,0 +1,288 @@
+"""Tests for transformer_jax.train on 8 fake CPU devices.
+
+* Three train steps on meshes (8,1,1), (2,2,2), (1,2,4) and (1,1,8) give the losses,
+  parameters and optimizer state of one device.
+* Every parameter's logical names match the rules and give the expected spec.
+* A run stopped by SIGTERM after k steps and resumed equals an uninterrupted run
+  (loss at every step, final parameters), through ``train_and_evaluate`` on real text.
+"""
+
+import json
+import os
+import re
+import signal
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from configs import tiny
+from transformer_jax import checkpoint as checkpoint_lib
+from transformer_jax import sharding
+from transformer_jax import train
+
+VOCAB = 256
+MESHES = [(8, 1, 1), (2, 2, 2), (1, 2, 4), (1, 1, 8)]
+# Sharded and single-device steps sum in different orders: float32 round-off.
+ATOL = 2e-5
+
+
+def _config(sizes=(1, 1, 1)):
+  config = tiny.get_config()
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = sizes
+  return config
+
+
+def _mesh(config, sizes):
+  return sharding.create_mesh(config.mesh, jax.devices()[:int(np.prod(sizes))])
+
+
+def _batches(num=3, rows=8):
+  rng = np.random.RandomState(0)
+  out = []
+  for _ in range(num):
+    inputs = rng.randint(4, VOCAB, (rows, 12)).astype(np.int32)
+    targets = rng.randint(4, VOCAB, (rows, 10)).astype(np.int32)
+    inputs[:, 9:] = 0  # Padding the loss and the attention masks must ignore.
+    targets[::2, 6:] = 0
+    out.append({'inputs': inputs, 'targets': targets})
+  return out
+
+
+def _run(sizes):
+  config = _config(sizes)
+  mesh = _mesh(config, sizes)
+  setup = train.TrainSetup.create(config, VOCAB, mesh)
+  state = setup.init_state()
+  losses = []
+  for batch in _batches():
+    state, sums = setup.train_step(state, train.shard_batch(batch, mesh))
+    losses.append(float(sums['loss_sum'] / sums['tokens']))
+  return losses, jax.device_get(state), setup
+
+
+@pytest.fixture(scope='session')
+def one_device():
+  return _run((1, 1, 1))
+
+
+def _named_leaves(tree):
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(path): leaf for path, leaf in flat}
+
+
+@pytest.mark.parametrize('sizes', MESHES)
+def test_sharded_steps_equal_one_device(sizes, one_device):
+  ref_losses, ref_state, ref_setup = one_device
+  losses, state, _ = _run(sizes)
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  assert int(state['step']) == 3
+  lr_total = sum(ref_setup.learning_rate(s) for s in range(3))
+  ref, got = _named_leaves(ref_state['params']), _named_leaves(state['params'])
+  for name, value in ref.items():
+    if 'key_bias' in name:
+      # softmax is invariant to a key bias: its gradient is exactly 0 and only
+      # round-off, whose sign Adam amplifies to +-lr. Bounded by the lr sum.
+      assert np.abs(got[name] - value).max() <= 2 * lr_total + 1e-6, name
+    else:
+      np.testing.assert_allclose(got[name], value, atol=ATOL, err_msg=name)
+  ref_opt, got_opt = _named_leaves(ref_state['opt_state']), _named_leaves(
+      state['opt_state'])
+  assert ref_opt.keys() == got_opt.keys()
+  for name, value in ref_opt.items():
+    np.testing.assert_allclose(got_opt[name], value, atol=1e-6, rtol=1e-3, err_msg=name)
+
+
+def _expected_spec(name: str) -> P:
+  """Default rules: heads/mlp/vocab on 'tensor', embed on 'fsdp'."""
+  last = re.findall(r"\['(\w+)'\]", name)[-1]
+  if last == 'embedding':
+    return P('tensor', 'fsdp')
+  if last in ('query_kernel', 'key_kernel', 'value_kernel'):
+    return P('fsdp', 'tensor', None)
+  if last == 'out_kernel':
+    return P('tensor', None, 'fsdp')
+  if last in ('query_bias', 'key_bias', 'value_bias'):
+    return P('tensor', None)
+  if last == 'wi':
+    return P('fsdp', 'tensor')
+  if last == 'wo':
+    return P('tensor', 'fsdp')
+  if last == 'bi':
+    return P('tensor')
+  if last in ('out_bias', 'bo', 'scale', 'bias'):
+    return P('fsdp')
+  raise AssertionError(f'parameter {name} has no expected spec in this test')
+
+
+def test_every_parameter_matches_a_rule_and_gets_its_spec():
+  from flax import nnx
+  config = _config((2, 2, 2))
+  mesh = _mesh(config, (2, 2, 2))
+  setup = train.TrainSetup.create(config, VOCAB, mesh)
+  rule_names = {name for name, _ in setup.rules}
+  abstract = nnx.state(nnx.eval_shape(lambda: train.model_lib.Transformer(
+      setup.model_cfg, rngs=nnx.Rngs(params=0, dropout=0))), nnx.Param)
+  variables = jax.tree_util.tree_flatten_with_path(
+      abstract, is_leaf=lambda v: isinstance(v, nnx.Variable))[0]
+  assert len(variables) > 20
+  for path, variable in variables:
+    names = variable.get_metadata().get('out_sharding')
+    assert names, f'{jax.tree_util.keystr(path)} has no logical axis names'
+    assert set(names) - {None} <= rule_names, (jax.tree_util.keystr(path), names)
+  state = setup.init_state()
+  params = _named_leaves(state['params'])
+  for name, array in params.items():
+    assert array.sharding.spec == _expected_spec(name), name
+  # Adam's moments are sharded like the parameters they follow.
+  for name, array in _named_leaves(state['opt_state']).items():
+    match = [p for p in params if name.endswith(p)]
+    if match and array.ndim:
+      assert array.sharding.spec == params[match[0]].sharding.spec, name
+
+
+def test_mesh_that_does_not_divide_is_a_clear_error():
+  config = _config((1, 1, 8))
+  config.model.num_heads = 4
+  config.model.head_dim = 8
+  with pytest.raises(ValueError, match='4 attention heads are not divisible by tensor = 8'):
+    train.TrainSetup.create(config, VOCAB, _mesh(config, (1, 1, 8)))
+  config = _config((1, 1, 8))
+  with pytest.raises(ValueError, match='vocabulary size 100 is not divisible'):
+    train.TrainSetup.create(config, 100, _mesh(config, (1, 1, 8)))
+
+
+def test_flops_count_the_papers_base_model():
+  # 6 FLOPs per parameter per token it touches (encoder weights: source tokens,
+  # decoder weights and the softmax matmul: target tokens) plus the attention
+  # products, which add ~7% at length 250 for the base model.
+  from transformer_jax import model as model_lib
+  cfg = model_lib.TransformerConfig(vocab_size=37000)
+  d, f = 512, 2048
+  encoder = 6 * (4 * d * d + 2 * d * f)
+  decoder = 6 * (8 * d * d + 2 * d * f) + d * 37000
+  tokens = 100 * 250
+  weights = 6 * tokens * (encoder + decoder)
+  attention = 3 * 100 * 4 * 250 * 250 * d * (6 + 6 + 6)  # enc self, dec self, cross
+  flops = train.train_flops(cfg, batch=100, src_len=250, tgt_len=250)
+  assert flops == pytest.approx(weights + attention, rel=1e-9)
+
+
+# ----------------------------------------------------------------------------
+# train_and_evaluate on real text: stop with SIGTERM, resume, compare.
+
+
+def _text_config(shared_data, **train_overrides):
+  config = _config((8, 1, 1))
+  d = shared_data / 'multi30k'
+  config.data.train_files = (str(d / 'train.en.gz'), str(d / 'train.de.gz'))
+  config.data.eval_files = (str(d / 'val.en.gz'), str(d / 'val.de.gz'))
+  config.data.bucket_lengths = (32,)  # One batch shape: one compile.
+  config.data.eval_batch_size = 64
+  config.train.num_steps = 6
+  config.train.log_every_steps = 2
+  config.train.eval_every_steps = 6
+  config.train.eval_max_batches = 1
+  config.train.bleu_every_steps = -1
+  config.checkpoint.every_steps = 2
+  config.train.update(train_overrides)
+  return config
+
+
+class _SigtermAfter:
+  """Wraps the training iterator; sends this process SIGTERM on batch ``k``."""
+
+  def __init__(self, inner, k):
+    self.inner, self.k, self.taken = inner, k, 0
+
+  def __next__(self):
+    self.taken += 1
+    if self.taken == self.k:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return next(self.inner)
+
+  def get_state(self):
+    return self.inner.get_state()
+
+  def set_state(self, state):
+    self.inner.set_state(state)
+
+
+@pytest.fixture(scope='session')
+def runs(shared_data, tmp_path_factory):
+  """An uninterrupted 6-step run, and one stopped by SIGTERM at 3 then resumed."""
+  full_dir = str(tmp_path_factory.mktemp('full'))
+  full = train.train_and_evaluate(_text_config(shared_data), full_dir)
+
+  resumed_dir = str(tmp_path_factory.mktemp('resumed'))
+  config = _text_config(shared_data)
+  config.data.vocab_path = os.path.join(full_dir, 'vocab', 'spm.model')
+  original = train._get_datasets
+
+  def interrupted(*args, **kwargs):
+    tokenizer, train_iter, eval_sets = original(*args, **kwargs)
+    return tokenizer, _SigtermAfter(train_iter, 3), eval_sets
+
+  train._get_datasets = interrupted
+  try:
+    first = train.train_and_evaluate(config, resumed_dir)
+  finally:
+    train._get_datasets = original
+  second = train.train_and_evaluate(config, resumed_dir)
+  return full_dir, full, resumed_dir, first, second
+
+
+def test_sigterm_saves_and_resume_equals_uninterrupted(runs):
+  full_dir, full, resumed_dir, first, second = runs
+  assert first['step'] == 3  # Stopped at the step SIGTERM arrived, and saved it.
+  assert 3 in checkpoint_lib.TrainCheckpointer(
+      resumed_dir, _config().checkpoint, read_only=True).all_steps()
+  assert sorted(first['train_loss']) == [1, 2, 3]
+  assert sorted(second['train_loss']) == [4, 5, 6]
+  resumed = {**first['train_loss'], **second['train_loss']}
+  assert sorted(full['train_loss']) == list(range(1, 7))
+  for step, loss in full['train_loss'].items():
+    assert resumed[step] == pytest.approx(loss, rel=1e-6), step
+  assert full['train_loss'][6] < full['train_loss'][1]  # It learns.
+  a = _named_leaves(jax.device_get(full['state']['params']))
+  b = _named_leaves(jax.device_get(second['state']['params']))
+  for name in a:
+    np.testing.assert_allclose(b[name], a[name], rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+def test_run_writes_config_summaries_and_dev_metrics(runs):
+  full_dir, full, _, _, _ = runs
+  with open(os.path.join(full_dir, 'config.json')) as f:
+    saved = json.load(f)
+  assert saved['model']['d_model'] == 32 and saved['train']['num_steps'] == 6
+  events = os.listdir(os.path.join(full_dir, 'tensorboard'))
+  assert any(name.startswith('events.out.tfevents') for name in events)
+  assert full['eval']['tokens'] > 0
+  assert np.isfinite(full['eval']['loss'])
+  # Six steps from uniform guessing: better than chance, far from perfect.
+  assert 1.0 < full['eval']['perplexity'] < VOCAB
+
+
+def test_checkpoint_saved_on_8_devices_restores_on_one_and_on_another_mesh(runs):
+  full_dir, full, _, _, _ = runs
+  expected = _named_leaves(jax.device_get(full['state']['params']))
+  params, graphdef, rest, config = checkpoint_lib.restore_params(full_dir)
+  got = _named_leaves(params)
+  for name, value in expected.items():
+    leaf = got[name]
+    assert len(leaf.sharding.device_set) == 1
+    np.testing.assert_array_equal(np.asarray(leaf), value, err_msg=name)
+  mesh = sharding.create_mesh(_config((1, 2, 4)).mesh)
+  params, _, _, _ = checkpoint_lib.restore_params(full_dir, mesh=mesh)
+  got = _named_leaves(params)
+  for name, value in expected.items():
+    assert got[name].sharding.spec == _expected_spec(name), name
+    np.testing.assert_array_equal(np.asarray(got[name]), value, err_msg=name)
+  # The restored parameters make the model of the workdir's config.
+  from flax import nnx
+  model = nnx.merge(graphdef, params, rest)
+  assert model.cfg.d_model == config.model.d_model
+  batch = _batches(1)[0]
+  logits = model(batch['inputs'], batch['targets'])
+  assert logits.shape == (8, 10, VOCAB) and np.isfinite(np.asarray(logits)).all()
