@@ -9,8 +9,8 @@
 #
 # Models: en_de_base, en_de_big, en_fr_base, en_fr_big (configs/wmt14_<model>.py).
 # Extra arguments go to transformer_jax.main (e.g. gradient accumulation on fewer
-# devices than the paper's 8 GPUs). Each step resumes or is skipped when its output
-# exists, so the script can be rerun after an interruption. It trains on this host's
+# devices than the paper's 8 GPUs). Rerun after an interruption: training resumes
+# from its last checkpoint, and a model whose newstest2014 score exists is skipped. It trains on this host's
 # devices; on a TPU pod or a SLURM cluster train with experiments/tpu_vm_pod.sh or
 # experiments/multi_gpu_slurm.sh into the same RUNS folder, then rerun this script to
 # average and evaluate.
@@ -35,6 +35,10 @@ for model in "${MODELS[@]}"; do
   config="configs/wmt14_${model}.py"
   [[ -f $config ]] || { echo "unknown model '$model' (no $config)" >&2; exit 2; }
   workdir="$RUNS/$model"
+  if compgen -G "$workdir/averaged_last*/eval/test.json" > /dev/null; then
+    echo "== $model: already evaluated, skipping"
+    continue
+  fi
   # Sec 6.1: the last 5 checkpoints for base models, 20 for big ones.
   average_last=$("$PYTHON" -c "
 import sys; sys.path.insert(0, '.')
@@ -49,12 +53,13 @@ from configs import wmt14_${model} as c; print(c.get_config().eval.average_last)
 
   echo "== $model: averaging the last $average_last checkpoints"
   averaged="$workdir/averaged_last$average_last"
+  rm -rf "$averaged"  # A partial average from an interrupted run.
   "$PYTHON" -m transformer_jax.checkpoint --workdir="$workdir" \
     --average_last="$average_last" --out_dir="$averaged"
 
   echo "== $model: newstest2014, beam 4, alpha 0.6"
-  "$PYTHON" -m transformer_jax.evaluate --workdir="$averaged" --split=test \
-    --config.data.data_dir="$TFDS_DATA_DIR"
+  # The averaged workdir carries the run's config.json (data_dir included).
+  "$PYTHON" -m transformer_jax.evaluate --workdir="$averaged" --split=test
 done
 
 echo

@@ -1,14 +1,19 @@
-"""Tests for configs/ and the Colab notebook in experiments/.
+"""Tests for configs/ and the launchers in experiments/.
 
 Every config builds an abstract model (``nnx.eval_shape``: shapes only, nothing
 allocated), and its parameter count matches the paper's Table 3 column where the paper
-gives one. The notebook is valid nbformat and its CPU-safe cells run.
+gives one. The notebook is valid nbformat and its CPU-safe cells run; the shell
+launchers parse and start modules that exist.
 """
 
 import ast
 import dataclasses
 import importlib
+import importlib.util
 import pathlib
+import re
+import subprocess
+import sys
 
 import jax
 import nbformat
@@ -168,3 +173,28 @@ def test_notebook_cpu_safe_cells_run(notebook, tmp_path, monkeypatch):
           pytest.approx(25_000, rel=0.01))
   assert smoke.train.num_steps < config.train.num_steps
   assert namespace['num_params'] == _count_params(config)
+
+
+# --- experiments/*.sh -----------------------------------------------------------
+
+LAUNCHERS = sorted((REPO_ROOT / 'experiments').glob('*.sh'))
+
+
+@pytest.mark.parametrize('script', LAUNCHERS, ids=lambda p: p.name)
+def test_launcher_parses_and_launches_library_modules(script):
+  subprocess.run(['bash', '-n', str(script)], check=True)
+  text = script.read_text()
+  modules = re.findall(r'-m (transformer_jax\.\w+)', text)
+  assert modules, f'{script.name} launches no transformer_jax module'
+  for module in modules:
+    assert importlib.util.find_spec(module) is not None, (script.name, module)
+  for path in re.findall(r'(experiments/\w+\.py)', text):
+    assert (REPO_ROOT / path).is_file(), (script.name, path)
+
+
+def test_prepare_tfds_skips_text_configs():
+  out = subprocess.run(
+      [sys.executable, 'experiments/prepare_tfds.py', '--config=configs/tiny.py'],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "data.source='text': nothing to prepare" in out.stdout
