@@ -361,15 +361,21 @@ def _bleu(setup, params, tokenizer, eval_sets, config, workdir, step, writer):
   except ImportError:
     logging.info('transformer_jax.evaluate is not available: skipping BLEU.')
     return {}
+  if jax.process_count() > 1:
+    # Beam search runs eagerly on this process's arrays; sharded over several
+    # hosts it cannot. The evaluate CLI scores the saved checkpoint instead.
+    logging.info('Skipping BLEU in a %d-process run: run python -m '
+                 'transformer_jax.evaluate --workdir=%s.', jax.process_count(), workdir)
+    return {}
   model = nnx.merge(setup.graphdef, params, setup.rest)
   results = {}
   for split, eval_set in eval_sets.items():
     scores = evaluate_lib.evaluate_bleu(
         model, tokenizer, eval_set, config, workdir=workdir, step=step, split=split,
         max_sentences=config.train.bleu_max_sentences or None)
-    for name, value in scores.items():
-      if isinstance(value, (int, float)):
-        results[f'{split}/{name}'] = float(value)
+    for name in ('sacrebleu', 'tok_bleu'):
+      if name in scores:
+        results[f'{split}/{name}'] = float(scores[name])
   logging.info('step %d BLEU: %s', step, results)
   if writer is not None:
     _write_scalars(writer, step, results)
@@ -492,6 +498,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         pending, window_flops = [], 0.0
         window_start = time.time()
 
+      # Time spent evaluating and saving is not step time: shift the window.
+      pause_start = time.time()
       every_eval = config.train.eval_every_steps
       if eval_sets and every_eval and (step % every_eval == 0 or step == total_steps):
         eval_metrics = evaluate_loss(
@@ -503,7 +511,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
           _write_scalars(writer, step, {'eval/loss': eval_metrics['loss'],
                                       'eval/perplexity': eval_metrics['perplexity']})
           writer.flush()
-        window_start = time.time()
 
       saved = ckpt.save(step, state['params'], state['opt_state'],
                         train_iter.get_state(), meta,
@@ -516,7 +523,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       every_bleu = config.train.bleu_every_steps
       if every_bleu > 0 and step % every_bleu == 0 and step != total_steps:
         _bleu(setup, state['params'], tokenizer, eval_sets, config, workdir, step, writer)
-        window_start = time.time()
+      window_start += time.time() - pause_start
   finally:
     preemption.restore()
     ckpt.close()
