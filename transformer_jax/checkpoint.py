@@ -111,8 +111,9 @@ class _EveryMinutesPolicy(sdp.ContinuousCheckpointingPolicy):
   """
 
   def __init__(self, minutes: float):
-    super().__init__(minimum_interval_secs=int(minutes * 60))
-    self._start = _Info(step=-1, metrics=None, time=datetime.datetime.now())
+    super().__init__(minimum_interval_secs=minutes * 60)
+    self._start = _Info(step=-1, metrics=None,
+                        time=datetime.datetime.now(tz=datetime.timezone.utc))
 
   def should_save(self, step, previous_steps, *, context):
     return super().should_save(step, list(previous_steps) or [self._start],

@@ -1,0 +1,177 @@
+"""Tests for transformer_jax.checkpoint (orbax CheckpointManager) on 8 fake devices.
+
+* Saved on 1 device, restored onto a (2, 2, 2) mesh (8 devices -> 1 is in
+  test_train.py): equal values, the requested shardings.
+* A half-written step (orbax tmp folder) never becomes the latest checkpoint.
+* A different model shape or vocabulary is a clear error.
+* Averaging the last K checkpoints equals the mean of their parameters, in
+  Python and through the command line; async and time-based saves happen.
+"""
+
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from transformer_jax import checkpoint as checkpoint_lib
+from transformer_jax import sharding
+from transformer_jax import train
+
+VOCAB = 256
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(sizes=(1, 1, 1)):
+  config = tiny.get_config()
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = sizes
+  return config
+
+
+def _setup(sizes):
+  config = _config(sizes)
+  mesh = sharding.create_mesh(config.mesh, jax.devices()[:int(np.prod(sizes))])
+  return train.TrainSetup.create(config, VOCAB, mesh)
+
+
+def _meta(setup, fingerprint='f' * 64):
+  return {'vocab_fingerprint': fingerprint, 'vocab_size': VOCAB,
+          'param_shapes': checkpoint_lib.param_shapes(setup.abstract_state['params'])}
+
+
+def _leaves(tree):
+  return {jax.tree_util.keystr(p): np.asarray(x)
+          for p, x in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]}
+
+
+@pytest.fixture(scope='session')
+def saved(tmp_path_factory):
+  """A workdir with checkpoints at steps 1, 2, 3 written from one device."""
+  workdir = str(tmp_path_factory.mktemp('ckpt'))
+  setup = _setup((1, 1, 1))
+  train.write_config(setup.config, workdir)
+  state = setup.init_state()
+  ckpt = checkpoint_lib.TrainCheckpointer(workdir, setup.config.checkpoint)
+  rng = np.random.RandomState(1)
+  params_by_step = {}
+  for step in (1, 2, 3):
+    batch = {'inputs': rng.randint(4, VOCAB, (8, 8)).astype(np.int32),
+             'targets': rng.randint(4, VOCAB, (8, 8)).astype(np.int32)}
+    state, _ = setup.train_step(state, train.shard_batch(batch, setup.mesh))
+    params_by_step[step] = _leaves(state['params'])
+    assert ckpt.save(step, state['params'], state['opt_state'], {'position': step},
+                     _meta(setup), force=True)
+  ckpt.close()
+  return workdir, setup, params_by_step, _leaves(state['opt_state'])
+
+
+def test_saved_on_one_device_restores_onto_eight(saved):
+  workdir, setup, params_by_step, opt_state = saved
+  target = _setup((2, 2, 2))
+  ckpt = checkpoint_lib.TrainCheckpointer(workdir, target.config.checkpoint)
+  assert ckpt.latest_step() == 3
+  params, opt, data, meta = ckpt.restore(
+      3, target.abstract_state['params'], target.abstract_state['opt_state'],
+      _meta(target))
+  ckpt.close()
+  assert data == {'position': 3} and meta['step'] == 3
+  for name, value in _leaves(params).items():
+    np.testing.assert_array_equal(value, params_by_step[3][name], err_msg=name)
+  for name, value in _leaves(opt).items():
+    np.testing.assert_array_equal(value, opt_state[name], err_msg=name)
+  expected = jax.tree.leaves(target.state_shardings['params'])
+  for array, sharding_ in zip(jax.tree.leaves(params), expected):
+    assert array.sharding == sharding_
+  # The restored state trains on the new mesh.
+  state = {'params': params, 'opt_state': opt,
+           'step': jax.device_put(np.int32(3), target.state_shardings['step'])}
+  batch = {'inputs': np.full((8, 8), 5, np.int32), 'targets': np.full((8, 8), 6, np.int32)}
+  state, sums = target.train_step(state, train.shard_batch(batch, target.mesh))
+  assert np.isfinite(float(sums['loss_sum'])) and int(state['step']) == 4
+
+
+def test_half_written_step_is_not_the_latest(saved):
+  workdir, setup, params_by_step, _ = saved
+  # What a crash mid-save leaves: orbax's temporary folder, never renamed.
+  tmp = os.path.join(workdir, 'checkpoints', '4.orbax-checkpoint-tmp-123')
+  os.makedirs(os.path.join(tmp, 'params'))
+  with open(os.path.join(tmp, 'params', 'garbage'), 'w') as f:
+    f.write('partial')
+  params, _, _, _ = checkpoint_lib.restore_params(workdir)
+  for name, value in _leaves(params).items():
+    np.testing.assert_array_equal(value, params_by_step[3][name], err_msg=name)
+
+
+def test_incompatible_checkpoint_is_a_clear_error(saved):
+  workdir, setup, _, _ = saved
+  bigger = _config()
+  bigger.model.d_ff = 128
+  mesh = sharding.create_mesh(bigger.mesh, jax.devices()[:1])
+  other = train.TrainSetup.create(bigger, VOCAB, mesh)
+  ckpt = checkpoint_lib.TrainCheckpointer(workdir, bigger.checkpoint, read_only=True)
+  with pytest.raises(checkpoint_lib.IncompatibleCheckpointError,
+                     match=r"feed_forward/bi' has shape \[64\] in the checkpoint but "
+                           r"\[128\] in the model"):
+    ckpt.restore(3, other.abstract_state['params'], other.abstract_state['opt_state'],
+                 _meta(other))
+  with pytest.raises(checkpoint_lib.IncompatibleCheckpointError,
+                     match='different vocabulary'):
+    ckpt.restore(3, setup.abstract_state['params'], setup.abstract_state['opt_state'],
+                 _meta(setup, fingerprint='0' * 64))
+
+
+def test_average_of_last_k_is_the_mean(saved, tmp_path):
+  workdir, _, params_by_step, _ = saved
+  params, _, _, _ = checkpoint_lib.restore_params(workdir, average_last=2)
+  for name, value in _leaves(params).items():
+    expected = (params_by_step[2][name] + params_by_step[3][name]) / 2
+    np.testing.assert_allclose(value, expected, rtol=1e-6, err_msg=name)
+  params, _, _, _ = checkpoint_lib.restore_params(workdir, step=2, average_last=2)
+  name = next(iter(params_by_step[1]))
+  np.testing.assert_allclose(_leaves(params)[name],
+                             (params_by_step[1][name] + params_by_step[2][name]) / 2,
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match='holds only'):
+    checkpoint_lib.restore_params(workdir, average_last=5)
+  out = checkpoint_lib.average_checkpoints(workdir, 3, str(tmp_path / 'avg3'))
+  params, _, _, _ = checkpoint_lib.restore_params(out)
+  for name, value in _leaves(params).items():
+    expected = sum(params_by_step[s][name] for s in (1, 2, 3)) / 3
+    np.testing.assert_allclose(value, expected, rtol=1e-6, err_msg=name)
+
+
+def test_average_command_line(saved, tmp_path):
+  workdir, _, params_by_step, _ = saved
+  out = str(tmp_path / 'cli_avg')
+  env = dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS='cpu')
+  result = subprocess.run(
+      [sys.executable, '-m', 'transformer_jax.checkpoint', f'--workdir={workdir}',
+       '--average_last=2', f'--out_dir={out}'], env=env, cwd=REPO_ROOT,
+      capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  params, _, _, _ = checkpoint_lib.restore_params(out)
+  for name, value in _leaves(params).items():
+    expected = (params_by_step[2][name] + params_by_step[3][name]) / 2
+    np.testing.assert_allclose(value, expected, rtol=1e-6, err_msg=name)
+
+
+def test_async_and_time_based_saves(tmp_path):
+  setup = _setup((1, 1, 1))
+  cfg = setup.config.checkpoint
+  cfg.async_save = True
+  cfg.every_steps = 0
+  cfg.every_minutes = 0.5 / 60  # Half a second.
+  state = setup.init_state()
+  ckpt = checkpoint_lib.TrainCheckpointer(str(tmp_path), cfg)
+  args = (state['params'], state['opt_state'], {}, _meta(setup))
+  assert not ckpt.save(1, *args)  # Too soon after the start.
+  time.sleep(0.6)
+  assert ckpt.save(2, *args)
+  ckpt.wait()
+  assert not ckpt.save(3, *args)  # Too soon after the last save.
+  ckpt.close()
+  assert checkpoint_lib.TrainCheckpointer(str(tmp_path), cfg).all_steps() == [2]
