@@ -200,3 +200,24 @@ def test_prepare_tfds_skips_text_configs():
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "data.source='text': nothing to prepare" in out.stdout
+
+
+def test_row_b_key_dim_decodes_like_the_full_forward_pass():
+  """Row B's d_k != d_v takes the einsum path and a narrower key cache."""
+  import jax.numpy as jnp
+  import numpy as np
+  _needs_key_dim('B_dk16')
+  cfg = model_lib.TransformerConfig(vocab_size=50, num_encoder_layers=1,
+                                    num_decoder_layers=2, d_model=32, num_heads=4,
+                                    key_dim=3, d_ff=64, dropout_rate=0.0)
+  model = model_lib.Transformer(cfg, rngs=nnx.Rngs(0))
+  assert model.encoder.layers[0].self_attention.key_kernel.shape == (32, 4, 3)
+  assert model.encoder.layers[0].self_attention.value_kernel.shape == (32, 4, 8)
+  src, tgt_in = jnp.array([[5, 6, 7, 1, 0]]), jnp.array([[2, 8, 9, 10]])
+  full = model(src, tgt_in)
+  encoded, cache = model.encode(src), model.init_cache(1, 4)
+  steps = []
+  for t in range(4):
+    logits, cache = model.decode_step(encoded, src, tgt_in[:, t], cache)
+    steps.append(logits)
+  np.testing.assert_allclose(np.stack(steps, 1), full, atol=1e-5)

@@ -62,6 +62,7 @@ class TransformerConfig:
   d_model: int = 512
   num_heads: int = 8  # h
   head_dim: int | None = None  # d_k = d_v; None -> d_model // num_heads.
+  key_dim: int | None = None  # d_k alone (Table 3 row B); None -> the head dim.
   d_ff: int = 2048
   dropout_rate: float = 0.1  # P_drop: sub-layer outputs, embeddings + positions.
   attention_dropout_rate: float = 0.0  # tensor2tensor extra: on attention probs.
@@ -104,6 +105,11 @@ class TransformerConfig:
   def qkv_head_dim(self) -> int:
     """H: the per-head dimension d_k = d_v (Sec 3.2.2)."""
     return self.head_dim if self.head_dim is not None else self.d_model // self.num_heads
+
+  @property
+  def qk_head_dim(self) -> int:
+    """d_k of queries and keys: H unless ``key_dim`` sets it apart from d_v."""
+    return self.key_dim if self.key_dim is not None else self.qkv_head_dim
 
   @classmethod
   def from_config(cls, model_cfg, vocab_size: int) -> TransformerConfig:
@@ -305,11 +311,12 @@ class MultiHeadAttention(nnx.Module):
     self.cfg = cfg
     d, n, h = cfg.d_model, cfg.num_heads, cfg.qkv_head_dim
     zeros = jax.nn.initializers.zeros
-    for name in ('query', 'key', 'value'):
-      setattr(self, f'{name}_kernel', _param(rngs, _glorot(0, (1, 2)), (d, n, h),
+    for name, dim in (('query', cfg.qk_head_dim), ('key', cfg.qk_head_dim),
+                      ('value', h)):
+      setattr(self, f'{name}_kernel', _param(rngs, _glorot(0, (1, 2)), (d, n, dim),
                                              ('embed', 'heads', 'head_dim'),
                                              cfg.param_dtype))
-      setattr(self, f'{name}_bias', _param(rngs, zeros, (n, h), ('heads', 'head_dim'),
+      setattr(self, f'{name}_bias', _param(rngs, zeros, (n, dim), ('heads', 'head_dim'),
                                            cfg.param_dtype))
     self.out_kernel = _param(rngs, _glorot((0, 1), 2), (n, h, d),
                              ('heads', 'head_dim', 'embed'), cfg.param_dtype)
@@ -343,9 +350,10 @@ class MultiHeadAttention(nnx.Module):
       [B, T, D].
     """
     attention_dropout = self.cfg.attention_dropout_rate > 0 and not deterministic
-    if self.cfg.attention_impl == 'einsum' or probs_out is not None or attention_dropout:
+    if (self.cfg.attention_impl == 'einsum' or probs_out is not None or attention_dropout
+        or query.shape[-1] != value.shape[-1]):
       # jax.nn.dot_product_attention neither returns probabilities nor applies
-      # dropout to them, so those cases take the reference path.
+      # dropout to them, nor takes d_k != d_v, so those cases take the reference path.
       out, probs = einsum_attention(query, key, value, mask, dropout=self.dropout,
                                     deterministic=deterministic)
       if probs_out is not None:
@@ -690,9 +698,11 @@ class Transformer(nnx.Module):
       raise ValueError(f'encoded has batch {encoded.shape[0]}, cache batch_size is '
                        f'{batch_size}.')
     shape = (batch_size, max_len, cfg.num_heads, cfg.qkv_head_dim)
+    key_shape = shape[:-1] + (cfg.qk_head_dim,)
     layers = []
     for layer in self.decoder.layers:
-      entry = {'key': jnp.zeros(shape, cfg.dtype), 'value': jnp.zeros(shape, cfg.dtype)}
+      entry = {'key': jnp.zeros(key_shape, cfg.dtype),
+               'value': jnp.zeros(shape, cfg.dtype)}
       if encoded is not None:
         entry['cross_key'], entry['cross_value'] = (
             layer.cross_attention.project_key_value(encoded))
