@@ -23,6 +23,7 @@ def get_config(arg=None):
   m.d_model = 512
   m.num_heads = 8  # h
   m.head_dim = config_dict.placeholder(int)  # d_k = d_v; None -> d_model / h.
+  m.key_dim = config_dict.placeholder(int)  # d_k alone (Table 3 row B); None -> head_dim.
   m.d_ff = 2048
   m.dropout_rate = 0.1  # P_drop: sub-layer outputs and embeddings + positions.
   m.attention_dropout_rate = 0.0  # tensor2tensor extra, not in the paper.
