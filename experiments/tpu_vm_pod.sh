@@ -7,9 +7,9 @@
 #
 # Steps: copy this checkout (the committed HEAD) to every host, install the pinned
 # requirements with TPU jax, prepare the TFDS dataset once into the bucket, then start
-# transformer_jax.main on all hosts at once (--worker=all). On a TPU VM,
-# jax.distributed.initialize() (called by main) finds the coordinator, the process
-# count and each host's rank from the TPU metadata, so no addresses are passed.
+# transformer_jax.main on all hosts at once (--worker=all). JAX_COORDINATOR_ADDRESS
+# (host 0's internal address) makes main call jax.distributed.initialize(), which
+# reads the process count and each host's rank from the TPU VM metadata.
 # The workdir (checkpoints, TensorBoard) and the dataset live in the bucket, which
 # every host reads and writes; a preempted slice resumes from the last checkpoint when
 # the same command is run again.
@@ -52,6 +52,9 @@ tpu_ssh 0 "cd $REMOTE_DIR && .venv/bin/python experiments/prepare_tfds.py \
   --config=$CONFIG --data_dir=$TFDS_DATA_DIR"
 
 echo "== training on every host: $CONFIG -> $WORKDIR"
+coordinator=$(gcloud compute tpus tpu-vm describe "$TPU_NAME" --zone="$ZONE" \
+  --format='value(networkEndpoints[0].ipAddress)')
 # printf %q keeps flag values with spaces or quotes intact through the remote shell.
-tpu_ssh all "cd $REMOTE_DIR && .venv/bin/python -m transformer_jax.main \
+tpu_ssh all "cd $REMOTE_DIR && JAX_COORDINATOR_ADDRESS=$coordinator:8476 \
+  .venv/bin/python -m transformer_jax.main \
   --config=$CONFIG --workdir=$WORKDIR --config.data.data_dir=$TFDS_DATA_DIR $(printf '%q ' "$@")"
