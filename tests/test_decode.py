@@ -269,3 +269,23 @@ def test_model_search_sharded_over_the_batch_equals_single_device(tiny_model):
                            rules=sharding.rules_from_config(mesh_cfg)).search(src)
   np.testing.assert_array_equal(sharded[0], single[0])  # 3 rows padded to 8 inside.
   np.testing.assert_allclose(sharded[1], single[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('n,k', [(32000, 8), (8000 * 3 + 50, 6), (4096, 32)])
+def test_blocked_top_k_equals_lax_top_k(n, k):
+  x = jax.random.normal(jax.random.key(n), (3, n))
+  values, indices = jax.jit(decode.top_k, static_argnums=1)(x, k)
+  expected_values, expected_indices = jax.lax.top_k(x, k)
+  np.testing.assert_array_equal(values, expected_values)
+  np.testing.assert_array_equal(indices, expected_indices)
+  # Ties (a coarse grid of values): the same values, at indices holding them.
+  x = jnp.round(x * 4) / 4
+  values, indices = jax.jit(decode.top_k, static_argnums=1)(x, k)
+  np.testing.assert_array_equal(values, jax.lax.top_k(x, k)[0])
+  np.testing.assert_array_equal(jnp.take_along_axis(x, indices, axis=1), values)
+  assert all(len(set(row)) == k for row in np.asarray(indices).tolist())
+
+
+def test_first_argmax_equals_argmax_with_ties():
+  x = jnp.round(jax.random.normal(jax.random.key(0), (5, 8000)) * 2) / 2
+  np.testing.assert_array_equal(decode.first_argmax(x), jnp.argmax(x, axis=-1))
