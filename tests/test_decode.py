@@ -92,7 +92,7 @@ def test_wide_beam_finds_exhaustive_best(seed, alpha):
   got = [t for t in np.asarray(tokens[0, 0]).tolist()][:len(best_seq)]
   assert got == best_seq
   assert np.all(np.asarray(tokens[0, 0, len(best_seq):]) == PAD)
-  assert float(scores[0, 0]) == pytest.approx(best, rel=1e-5)
+  assert float(scores[0, 0]) == pytest.approx(best, rel=1e-5, abs=1e-5)
 
 
 def test_beam_scores_are_normalised_log_probs_of_the_returned_tokens():
