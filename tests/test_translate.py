@@ -220,3 +220,24 @@ def test_evaluate_cli_on_text_files(workdir, tmp_path):
   assert saved['tok_bleu'] == pytest.approx(100.0)
   assert saved['step'] == 500 and saved['num_sentences'] == 5
   assert json.loads(result.stdout) == saved
+
+
+def test_evaluate_bleu_with_mesh_sharded_params_splits_the_batch(workdir, tmp_path):
+  # Training hands over parameters sharded on its mesh; decoding then splits the
+  # batch over ('data', 'fsdp') and must give the single-device translations.
+  from transformer_jax import sharding
+  translator = translate.load_translator(workdir.path, use_mesh=False)
+  config = workdir.config.copy_and_resolve_references()
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 4, 2, 1
+  mesh = sharding.create_mesh(config.mesh)
+  graphdef, params, rest = nnx.split(translator.model, nnx.Param, ...)
+  params = jax.device_put(params, sharding.param_shardings(
+      params, mesh, sharding.rules_from_config(config.mesh)))
+  model = nnx.merge(graphdef, params, rest)
+  assert evaluate._params_mesh(model) is mesh
+  eval_set = types.SimpleNamespace(name='test', sources=SENTENCES, references=SENTENCES)
+  results = evaluate.evaluate_bleu(model, translator.tokenizer, eval_set, config,
+                                   workdir=str(tmp_path), step=7)
+  hyps = (tmp_path / 'eval' / 'test.hyp.txt').read_text().splitlines()
+  assert hyps == translate.translate_lines(translator, SENTENCES, progress=False)
+  assert results['sacrebleu'] == pytest.approx(100.0) and results['step'] == 7

@@ -389,8 +389,13 @@ class Decoder:
       shards = sharding.batch_divisor(self.mesh)
       padded = np.pad(src, ((0, -batch % shards), (0, 0)), constant_values=self.cfg.pad_id)
       with jax.set_mesh(self.mesh), sharding.logical_rules(self.rules):
-        placed = jax.device_put(padded, sharding.batch_sharding(self.mesh))
+        # Every process holds the whole batch and supplies its own devices' rows.
+        placed = jax.make_array_from_callback(
+            padded.shape, sharding.batch_sharding(self.mesh), lambda idx: padded[idx])
         tokens, scores = self._search(self.state, placed, max_decode_len=max_decode_len)
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        tokens, scores = multihost_utils.process_allgather((tokens, scores), tiled=True)
     return np.asarray(tokens)[:batch], np.asarray(scores)[:batch]
 
   def __call__(self, src: np.ndarray) -> list[list[int]]:

@@ -29,6 +29,7 @@ from absl import app, flags, logging
 
 from transformer_jax import bleu
 from transformer_jax import decode as decode_lib
+from transformer_jax import sharding
 from transformer_jax import translate
 
 EVAL_DIR = 'eval'
@@ -91,13 +92,25 @@ def evaluate_translator(translator: translate.Translator, sources: Sequence[str]
   return results
 
 
+def _params_mesh(model):
+  """The mesh the model's parameters are sharded over (training's), or None."""
+  from flax import nnx
+  for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
+    mesh = getattr(getattr(leaf, 'sharding', None), 'mesh', None)
+    if isinstance(mesh, jax.sharding.Mesh) and mesh.size > 1:
+      return mesh
+  return None
+
+
 def evaluate_bleu(model, tokenizer, eval_set, config, *, workdir: str | None = None,
                   step: int | None = None, split: str | None = None,
                   max_sentences: int | None = None, progress: bool = False) -> dict:
   """BLEU of ``model`` on an evaluation set, with ``config.eval``'s beam search.
 
   Args:
-    model: a Transformer (e.g. ``nnx.merge`` of the training parameters).
+    model: a Transformer (e.g. ``nnx.merge`` of the training parameters); when
+      its parameters are sharded over a mesh, the batch is split over that mesh's
+      ('data', 'fsdp') axes.
     tokenizer: the run's Tokenizer.
     eval_set: anything with ``sources`` and ``references`` lists
       (``input_pipeline.EvalSet``).
@@ -114,8 +127,11 @@ def evaluate_bleu(model, tokenizer, eval_set, config, *, workdir: str | None = N
   split = split or getattr(eval_set, 'name', 'eval')
   n = max_sentences or len(eval_set.sources)
   e = config.eval
-  decoder = decode_lib.Decoder(model, beam_size=e.beam_size, alpha=e.length_penalty,
-                               max_extra_len=e.max_extra_length)
+  mesh = _params_mesh(model)
+  decoder = decode_lib.Decoder(
+      model, beam_size=e.beam_size, alpha=e.length_penalty,
+      max_extra_len=e.max_extra_length, mesh=mesh,
+      rules=sharding.rules_from_config(config.mesh) if mesh is not None else None)
   translator = translate.Translator(model, tokenizer, config, decoder, step)
   return evaluate_translator(translator, list(eval_set.sources[:n]),
                              list(eval_set.references[:n]), split=split,
@@ -136,6 +152,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
+  if not f['verbosity'].present:  # Library INFO lines would bury the progress bar.
+    logging.set_verbosity(logging.WARNING)
   try:
     translator = translate.translator_from_flags()
     config = translator.config

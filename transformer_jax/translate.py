@@ -237,6 +237,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
+  if not f['verbosity'].present:  # Library INFO lines would bury the progress bar.
+    logging.set_verbosity(logging.WARNING)
   try:
     lines = _read_input(f.input)
     translator = translator_from_flags()
