@@ -89,10 +89,10 @@ def get_config(arg=None):
 
   config.checkpoint = ml_collections.ConfigDict()
   c = config.checkpoint
-  c.every_steps = 5000
-  c.every_minutes = 10.0  # Sec 6.1: checkpoints at 10-minute intervals.
+  c.every_steps = 5000  # Train steps (micro-batches with accumulation); 0 = off.
+  c.every_minutes = 10.0  # Sec 6.1: checkpoints at 10-minute intervals; 0 = off.
   c.max_to_keep = 20  # Enough to average the last 20 (big model).
-  c.async_save = True
+  c.async_save = True  # Write in the background while training goes on.
 
   config.mesh = ml_collections.ConfigDict()
   mesh = config.mesh

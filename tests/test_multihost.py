@@ -140,3 +140,40 @@ def test_two_process_checkpoint_restores_in_one_process(two_processes, one_proce
     if 'key_bias' in name:  # Zero gradient: Adam amplifies round-off (test_train.py).
       continue
     np.testing.assert_allclose(np.asarray(value), expected, atol=2e-5, err_msg=name)
+
+
+def test_main_trains_on_two_processes(shared_data, tmp_path):
+  """The command line joins two processes, trains on real text, saves per-process
+  data states; packing gives every process the same batch shape at every step."""
+  workdir = str(tmp_path / 'run')
+  d = shared_data / 'multi30k'
+  port = _free_port()
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO_ROOT,
+             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  flags_ = [f'--config={REPO_ROOT}/configs/tiny.py', f'--workdir={workdir}',
+            f"--config.data.train_files=('{d}/train.en.gz','{d}/train.de.gz')",
+            f"--config.data.eval_files=('{d}/val.en.gz','{d}/val.de.gz')",
+            '--config.data.packing=True', '--config.data.tokens_per_batch=512',
+            '--config.mesh.data=4', '--config.train.num_steps=4',
+            '--config.train.eval_every_steps=4', '--config.checkpoint.every_steps=2',
+            f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2']
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'transformer_jax.main', *flags_, f'--process_id={i}'],
+      cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  try:
+    logs = [p.communicate(timeout=400)[1] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-3000:]
+  assert 'Process 0 of 2; 2 local and 4 global devices' in logs[0]
+  assert 'step 4 dev loss' in logs[0]
+  ckpt = checkpoint_lib.TrainCheckpointer(workdir, tiny.get_config().checkpoint,
+                                          read_only=True)
+  assert ckpt.all_steps() == [2, 4]
+  data_dir = os.path.join(workdir, 'checkpoints', '4', 'data')
+  assert sorted(f for f in os.listdir(data_dir) if f.endswith('.json')) == [
+      'process_0-of-2.json', 'process_1-of-2.json']

@@ -286,3 +286,17 @@ def test_checkpoint_saved_on_8_devices_restores_on_one_and_on_another_mesh(runs)
   batch = _batches(1)[0]
   logits = model(batch['inputs'], batch['targets'])
   assert logits.shape == (8, 10, VOCAB) and np.isfinite(np.asarray(logits)).all()
+
+
+def test_main_rejects_an_unknown_config_key(tmp_path):
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run(
+      [sys.executable, '-m', 'transformer_jax.main', '--config=configs/tiny.py',
+       f'--workdir={tmp_path}', '--config.train.num_step=3'],
+      cwd=root, env=dict(os.environ, PYTHONPATH=root), capture_output=True, text=True,
+      timeout=120)
+  assert result.returncode != 0
+  assert "unknown config key 'num_step'" in result.stderr
+  assert 'Traceback' not in result.stderr

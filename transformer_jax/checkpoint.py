@@ -215,6 +215,10 @@ class TrainCheckpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
+  def should_save(self, step: int) -> bool:
+    """Whether a save policy (steps, minutes, preemption) asks to save ``step``."""
+    return self.manager.should_save(step)
+
   def save(self, step: int, params, opt_state, data_state: dict, meta: dict, *,
            force: bool = False) -> bool:
     """Saves if a policy asks for it (or ``force``); returns whether it saved."""

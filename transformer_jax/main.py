@@ -24,9 +24,15 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in all.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0-based.')
 
-# Environment variables that mean "one of several hosts" to jax.distributed.
-_CLUSTER_ENV = ('JAX_COORDINATOR_ADDRESS', 'SLURM_JOB_ID', 'TPU_WORKER_HOSTNAMES',
-                'MEGASCALE_COORDINATOR_ADDRESS', 'OMPI_COMM_WORLD_SIZE')
+
+def _launched_on_several_hosts() -> bool:
+  """Whether the environment describes a multi-process job jax can join by itself."""
+  env = os.environ
+  if env.get('JAX_COORDINATOR_ADDRESS'):
+    return True
+  if int(env.get('SLURM_NTASKS', '1')) > 1 or int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1:
+    return True
+  return ',' in env.get('TPU_WORKER_HOSTNAMES', '')  # A TPU pod slice.
 
 
 def _maybe_initialize_distributed() -> None:
@@ -35,13 +41,12 @@ def _maybe_initialize_distributed() -> None:
   if _COORDINATOR.value:
     if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
       raise app.UsageError('--coordinator_address needs --num_processes and --process_id.')
-    if jax.default_backend() == 'cpu' or os.environ.get('JAX_PLATFORMS') == 'cpu':
+    if os.environ.get('JAX_PLATFORMS', '').startswith('cpu'):
       jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
                                _PROCESS_ID.value)
-  elif any(os.environ.get(k) for k in _CLUSTER_ENV) and (
-      os.environ.get('SLURM_NTASKS', '1') != '1' or 'SLURM_JOB_ID' not in os.environ):
-    jax.distributed.initialize()
+  elif _launched_on_several_hosts():
+    jax.distributed.initialize()  # Addresses and ids from the cluster environment.
   else:
     return
   logging.info('Process %d of %d; %d local and %d global devices.', jax.process_index(),
@@ -61,10 +66,16 @@ def parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:
+    # ml_collections reports the missing field (and a "Did you mean" hint) as a
+    # KeyError wrapped in an AttributeError; unwrap it to one readable line.
+    message = str(e.args[0] if e.args else e)
+    while isinstance(message, str) and message[:1] in '"\'' and message[-1:] in '"\'':
+      message = message[1:-1]
+    message = message.replace('\\n', ' ').replace("\\'", "'").replace('\n', ' ')
     bad = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.')]
-    key = str(e).strip("\\'\"")
-    sys.exit(f'Error: unknown config key {key!r} among {bad}: every --config.key must '
-             'name a field the config file defines (see configs/default.py).')
+    sys.exit(f'Error: unknown config key {message} (in {", ".join(bad)}): every '
+             '--config.key must name a field the config file defines '
+             '(see configs/default.py).')
   except flags.Error as e:
     sys.exit(f'Error: {e}\nRun with --helpfull for the flags.')
 

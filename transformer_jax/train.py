@@ -105,11 +105,18 @@ def shard_batch(batch: Batch, mesh: jax.sharding.Mesh) -> Batch:
 
   Every process passes its own rows; the global batch is their concatenation.
   """
+  shards = sharding.batch_divisor(mesh)
   out = {}
   for key, value in batch.items():
     if key not in BATCH_KEYS:
       continue
     value = np.asarray(value)
+    rows = value.shape[0] * jax.process_count()
+    if rows % shards:
+      raise ValueError(
+          f'Batch {key!r} has {value.shape[0]} rows on each of {jax.process_count()} '
+          f'processes ({rows} in all), which the mesh {dict(mesh.shape)} cannot split '
+          f'into {shards} equal shards along (data, fsdp).')
     out[key] = jax.make_array_from_process_local_data(
         sharding.batch_sharding(mesh, value.ndim), value)
   return out
@@ -411,8 +418,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint).
 
   Returns:
-    ``{'step': last step, 'train_loss': {step: loss}, 'eval': last dev metrics,
-    'bleu': BLEU results}``; the per-step losses are those of this invocation.
+    ``{'step', 'train_loss': {step: loss}, 'eval': last dev metrics, 'bleu',
+    'state': the final train state, 'setup': the TrainSetup}``; the per-step
+    losses are those of this invocation (steps count micro-batches).
   """
   workdir = os.path.abspath(workdir)
   write_config(config, workdir)
@@ -421,6 +429,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   local_batch_shards = max(1, sharding.batch_divisor(mesh) // jax.process_count())
   tokenizer, train_iter, eval_sets = _get_datasets(config, workdir, local_batch_shards)
   setup = TrainSetup.create(config, tokenizer.vocab_size, mesh)
+  if eval_sets:
+    sharding.check_divides(mesh, global_batch=config.data.eval_batch_size)
   ckpt = checkpoint_lib.TrainCheckpointer(workdir, config.checkpoint)
   meta = {'vocab_fingerprint': tokenizer.fingerprint()['sha256'],
           'vocab_size': tokenizer.vocab_size,
@@ -452,6 +462,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   history, pending, eval_metrics = {}, [], {}
   window_start, window_flops = time.time(), 0.0
   skip_tokens = step
+  profiler = _Profiler(workdir) if config.train.profile else None
   try:
     while step < total_steps:
       local = next(train_iter)
@@ -466,6 +477,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         b, s = batch['inputs'].shape
         window_flops += train_flops(setup.model_cfg, b, s, batch['targets'].shape[1])
       pending.append((step, sums))
+      if profiler is not None:
+        profiler(step - skip_tokens, step)
 
       stop = preemption.requested or ckpt.reached_preemption(step)
       if step % log_every == 0 or step == total_steps or stop:
@@ -512,10 +525,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                       'eval/perplexity': eval_metrics['perplexity']})
           writer.flush()
 
-      saved = ckpt.save(step, state['params'], state['opt_state'],
-                        train_iter.get_state(), meta,
-                        force=stop or step == total_steps)
-      if saved:
+      if stop or step == total_steps or ckpt.should_save(step):
+        ckpt.save(step, state['params'], state['opt_state'], train_iter.get_state(),
+                  meta, force=True)
         logging.info('Saving checkpoint for step %d.', step)
       if stop:
         logging.warning('Stopped at step %d after a preemption request.', step)
@@ -536,6 +548,22 @@ def train_and_evaluate(config, workdir: str) -> dict:
     writer.close()
   return {'step': step, 'train_loss': history, 'eval': eval_metrics, 'bleu': bleu,
           'state': state, 'setup': setup}
+
+
+class _Profiler:
+  """Traces 10 steps, starting 5 after a compile, into workdir/profile (TensorBoard)."""
+
+  def __init__(self, workdir: str):
+    self.path, self.start = os.path.join(workdir, 'profile'), None
+
+  def __call__(self, steps_since_compile: int, step: int) -> None:
+    if self.start is None and steps_since_compile == 5:
+      jax.profiler.start_trace(self.path)
+      self.start = step
+    elif self.start is not None and step == self.start + 10:
+      jax.profiler.stop_trace()
+      logging.info('Wrote a profile of steps %d-%d to %s.', self.start, step, self.path)
+      self.start = -1
 
 
 def _write_scalars(writer, step: int, scalars: dict) -> None:
