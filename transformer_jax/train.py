@@ -466,6 +466,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   try:
     while step < total_steps:
       local = next(train_iter)
+      if jax.process_count() > 1:
+        _check_same_shapes(local, step + 1)
       batch = shard_batch(local, mesh)
       compiles = len(setup._compiled)
       state, sums = setup.train_step(state, batch)
@@ -494,18 +496,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
         metrics = {
             'train/loss': loss, 'train/perplexity': float(np.exp(nll)),
             'train/learning_rate': setup.learning_rate(step - 1),
-            'train/grad_norm': float(fetched[-1]['grad_norm']),
-            'train/tokens_per_second': timed_tokens / elapsed,
-            'train/step_seconds': elapsed / max(len(timed), 1)}
-        mfu = ''
-        if peak:
-          metrics['train/mfu'] = window_flops / elapsed / (peak * jax.device_count())
-          mfu = f' mfu {100 * metrics["train/mfu"]:.1f}%'
-        logging.info(
-            'step %d/%d (update %d) loss %.4f ppl %.2f lr %.3g %s target tokens/s%s '
-            'ETA %s', step, total_steps, step // accum, loss, np.exp(nll),
-            metrics['train/learning_rate'], f'{metrics["train/tokens_per_second"]:,.0f}',
-            mfu, _eta((total_steps - step) * metrics['train/step_seconds']))
+            'train/grad_norm': float(fetched[-1]['grad_norm'])}
+        speed = 'compiling'
+        if timed:
+          metrics['train/tokens_per_second'] = timed_tokens / elapsed
+          metrics['train/step_seconds'] = elapsed / len(timed)
+          speed = (f'{timed_tokens / elapsed:,.0f} target tokens/s, '
+                   f'{elapsed / len(timed):.3g} s/step')
+          if peak:
+            metrics['train/mfu'] = window_flops / elapsed / (peak * jax.device_count())
+            speed += f', MFU {100 * metrics["train/mfu"]:.1f}%'
+          speed += f', ETA {_eta((total_steps - step) * elapsed / len(timed))}'
+        logging.info('step %d/%d (update %d) loss %.4f ppl %.2f lr %.3g %s', step,
+                     total_steps, step // accum, loss, np.exp(nll),
+                     metrics['train/learning_rate'], speed)
         if writer is not None:
           _write_scalars(writer, step, metrics)
         pending, window_flops = [], 0.0
@@ -548,6 +552,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
     writer.close()
   return {'step': step, 'train_loss': history, 'eval': eval_metrics, 'bleu': bleu,
           'state': state, 'setup': setup}
+
+
+def _check_same_shapes(local: Batch, step: int) -> None:
+  """Every process must feed the same local shapes, or the step cannot run."""
+  from jax.experimental import multihost_utils
+  shapes = np.array([d for k in BATCH_KEYS if k in local for d in local[k].shape])
+  multihost_utils.assert_equal(
+      shapes, f'Step {step}: the processes drew training batches of different shapes '
+      f'(this one: {[(k, v.shape) for k, v in local.items()]}). Use '
+      'config.data.packing=True (one shape) or a pipeline that picks the same bucket '
+      'on every process.')
 
 
 class _Profiler:
