@@ -175,3 +175,24 @@ def test_async_and_time_based_saves(tmp_path):
   assert not ckpt.save(3, *args)  # Too soon after the last save.
   ckpt.close()
   assert checkpoint_lib.TrainCheckpointer(str(tmp_path), cfg).all_steps() == [2]
+
+
+def test_changed_optimizer_is_a_clear_error(tmp_path):
+  setup = _setup((1, 1, 1))
+  state = setup.init_state()
+  meta = dict(_meta(setup), opt_state_shapes=checkpoint_lib.param_shapes(
+      setup.abstract_state['opt_state']))
+  ckpt = checkpoint_lib.TrainCheckpointer(str(tmp_path), setup.config.checkpoint)
+  ckpt.save(1, state['params'], state['opt_state'], {}, meta, force=True)
+  ckpt.close()
+  config = _config()
+  config.optim.grad_accum_steps = 4
+  other = train.TrainSetup.create(config, VOCAB, setup.mesh)
+  expected = dict(_meta(other), opt_state_shapes=checkpoint_lib.param_shapes(
+      other.abstract_state['opt_state']))
+  ckpt = checkpoint_lib.TrainCheckpointer(str(tmp_path), config.checkpoint)
+  with pytest.raises(checkpoint_lib.IncompatibleCheckpointError,
+                     match='different optimizer state.*grad_accum_steps'):
+    ckpt.restore(1, other.abstract_state['params'], other.abstract_state['opt_state'],
+                 expected)
+  ckpt.close()

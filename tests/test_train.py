@@ -94,6 +94,29 @@ def test_sharded_steps_equal_one_device(sizes, one_device):
     np.testing.assert_allclose(got_opt[name], value, atol=1e-6, rtol=1e-3, err_msg=name)
 
 
+def test_gradient_accumulation_equals_one_big_batch():
+  # Two micro-batches with equal token counts, accumulated, make the same update
+  # as one batch holding both (per-token normalisation agrees when counts match).
+  batches = _batches(2)
+  for b in batches:
+    b['targets'][:, 6:] = 0
+  big = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+  results = []
+  for accum, feed in ((2, batches), (1, [big])):
+    config = _config((2, 1, 1))
+    config.model.dropout_rate = 0.0
+    config.optim.grad_accum_steps = accum
+    mesh = _mesh(config, (2, 1, 1))
+    setup = train.TrainSetup.create(config, VOCAB, mesh)
+    state = setup.init_state()
+    for b in feed:
+      state, _ = setup.train_step(state, train.shard_batch(b, mesh))
+    results.append(_named_leaves(jax.device_get(state['params'])))
+  for name, value in results[1].items():
+    if 'key_bias' not in name:  # Zero gradient: see above.
+      np.testing.assert_allclose(results[0][name], value, atol=ATOL, err_msg=name)
+
+
 def _expected_spec(name: str) -> P:
   """Default rules: heads/mlp/vocab on 'tensor', embed on 'fsdp'."""
   last = re.findall(r"\['(\w+)'\]", name)[-1]

@@ -171,6 +171,15 @@ def check_compatible(saved_meta: dict, expected_meta: dict, where: str) -> None:
           f'{name!r} has shape {saved.get(name)} in the checkpoint but '
           f'{expected.get(name)} in the model (missing = None). Check '
           f'config.model against {where}/../../{CONFIG_FILE}.')
+  if 'opt_state_shapes' in saved_meta and 'opt_state_shapes' in expected_meta:
+    saved, expected = saved_meta['opt_state_shapes'], expected_meta['opt_state_shapes']
+    if saved != expected:
+      diff = sorted(k for k in set(saved) | set(expected) if saved.get(k) != expected.get(k))
+      raise IncompatibleCheckpointError(
+          f'Checkpoint {where} holds a different optimizer state than config.optim '
+          f'builds ({len(diff)} entries differ, e.g. {diff[0]!r}: {saved.get(diff[0])} '
+          f'saved, {expected.get(diff[0])} now). Was grad_accum_steps, weight_decay or '
+          f'clip_grad_norm changed? Restore the original config.optim to resume.')
 
 
 def with_shardings(abstract, shardings):

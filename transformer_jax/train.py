@@ -434,7 +434,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   ckpt = checkpoint_lib.TrainCheckpointer(workdir, config.checkpoint)
   meta = {'vocab_fingerprint': tokenizer.fingerprint()['sha256'],
           'vocab_size': tokenizer.vocab_size,
-          'param_shapes': checkpoint_lib.param_shapes(setup.abstract_state['params'])}
+          'param_shapes': checkpoint_lib.param_shapes(setup.abstract_state['params']),
+          'opt_state_shapes': checkpoint_lib.param_shapes(
+              setup.abstract_state['opt_state'])}
 
   latest = ckpt.latest_step()
   if latest is None:
