@@ -236,6 +236,30 @@ def test_beam_reordered_cache_follows_its_rows(post_model):
   np.testing.assert_allclose(logits[1:], expected[1:, 2], atol=1e-5)
 
 
+def test_beams_share_their_sources_cross_attention_cache(post_model):
+  """K adjacent rows per source, attending to one copy of its keys and values, give
+  the teacher-forced logits of the source repeated K times."""
+  model, beams = post_model, 2
+  tgt_in = np.asarray(model_lib.shift_right(jnp.asarray(TGT)))
+  rows_tgt_in = np.repeat(tgt_in, beams, axis=0)
+  # The second beam of each source follows a prefix of its own (padding stays).
+  second = rows_tgt_in[1::beams]
+  second[:, 1:] = np.where(second[:, 1:] != 0, second[:, 1:] + 3, 0)
+  expected = model(np.repeat(SRC, beams, axis=0), jnp.asarray(rows_tgt_in))
+  encoded = model.encode(SRC)
+  cache = model.init_cache(len(SRC) * beams, 4, encoded=encoded)
+  assert cache['layers'][0]['cross_key'].shape[0] == len(SRC)
+  assert cache['layers'][0]['key'].shape[0] == len(SRC) * beams
+  for t in range(3):
+    logits, cache = model.decode_step(encoded, SRC, jnp.asarray(rows_tgt_in[:, t]), cache)
+    rows = rows_tgt_in[:, t] != 0
+    np.testing.assert_allclose(logits[rows], expected[rows, t], atol=1e-5)
+  with pytest.raises(ValueError, match='does not divide'):
+    model.init_cache(len(SRC) * beams + 1, 4, encoded=encoded)
+  with pytest.raises(ValueError, match='multiple'):
+    model.decode_step(encoded, SRC, jnp.zeros((len(SRC) + 1,), jnp.int32), cache)
+
+
 def test_xla_attention_equals_einsum_reference():
   xla = build(attention_impl='xla')
   einsum = build(attention_impl='einsum')

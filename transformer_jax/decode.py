@@ -16,8 +16,8 @@ stops as soon as no unfinished hypothesis can beat the finished ones. The loop i
 every batch of a given source shape.
 
 :class:`Decoder` wires a :class:`~transformer_jax.model.Transformer` into the
-searches: encode once, tile the encoder output to B * K rows, then run the loop,
-all inside one ``jax.jit``.
+searches: encode once, project each sentence's cross-attention keys and values
+once (its K beams share them), then run the loop, all inside one ``jax.jit``.
 """
 
 from __future__ import annotations
@@ -307,13 +307,10 @@ def search_model(graphdef, state, src: jax.Array, *, beam_size: int, alpha: floa
   batch, k = src.shape[0], beam_size
   src_lengths = jnp.sum(src != pad_id, axis=1).astype(jnp.int32)
   encoded = model.encode(src)  # [B, S, D]
-  # Cross-attention keys/values are the same for the K beams of a sentence: they are
-  # computed once per sentence and kept out of the cache that beam search reorders.
-  _, cross = _split_cross(model.init_cache(batch, 1, encoded=encoded))
-  if k > 1:
-    encoded, src = (jnp.repeat(x, k, axis=0) for x in (encoded, src))  # B*K rows
-    cross = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), cross)
-  cache, _ = _split_cross(model.init_cache(batch * k, max_decode_len))
+  # Cross-attention keys/values are the same for the K beams of a sentence: the cache
+  # holds them once per sentence (the model attends the K adjacent rows to them), and
+  # they stay out of the part that beam search reorders.
+  cache, cross = _split_cross(model.init_cache(batch * k, max_decode_len, encoded=encoded))
 
   def step_fn(token, cache):
     full = {'index': cache['index'],

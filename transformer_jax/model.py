@@ -300,6 +300,31 @@ def einsum_attention(query: Array, key: Array, value: Array, mask: Array, *,
   return out, probs
 
 
+def single_query_attention(query: Array, key: Array, value: Array,
+                           mask: Array) -> Array:
+  """Sec 3.2.1 for one decoding position per row, over a heads-major cache.
+
+  The keys and values are laid out [B, N, L, H] so that the batched products below
+  contract over their minor axes with (b, n) as batch axes, with no transposes of
+  the cache at each step. ``query`` may hold K rows per key row (the K beams of one
+  sentence, adjacent), which then share that row's keys and values.
+
+  Args:
+    query: [B, K, N, H] (K = 1 for self-attention over each row's own cache).
+    key, value: [B, N, L, H].
+    mask: bool, broadcastable to [B, K, N, L]: True where a key is visible.
+
+  Returns:
+    [B, K, N, H] in the value's dtype.
+  """
+  scale = 1.0 / math.sqrt(query.shape[-1])
+  logits = jnp.einsum('bknh,bnlh->bknl', query, key,
+                      preferred_element_type=jnp.float32) * scale  # [B, K, N, L]
+  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1)
+  return jnp.einsum('bknl,bnlh->bknh', probs.astype(value.dtype), value)  # [B, K, N, H]
+
+
 class MultiHeadAttention(nnx.Module):
   """Sec 3.2.2: h heads of scaled dot-product attention, concatenated and projected.
 
@@ -334,8 +359,18 @@ class MultiHeadAttention(nnx.Module):
     return self._project(x, 'query')
 
   def project_key_value(self, x: Array) -> tuple[Array, Array]:
-    """[B, S, D] -> keys and values, each [B, S, N, H] (what a decode cache keeps)."""
+    """[B, S, D] -> keys and values, each [B, S, N, H]."""
     return self._project(x, 'key'), self._project(x, 'value')
+
+  def cache_key_value(self, x: Array) -> tuple[Array, Array]:
+    """[B, S, D] -> keys and values in a decode cache's layout, each [B, N, S, H]."""
+    return tuple(jnp.swapaxes(y, 1, 2) for y in self.project_key_value(x))
+
+  def output(self, heads: Array) -> Array:
+    """W^O: concatenated heads [B, T, N, H] -> [B, T, D]."""
+    heads = sharding.constrain(heads, ('act_batch', 'act_length', 'act_heads', None))
+    y = jnp.einsum('btnh,nhd->btd', heads, self.out_kernel[...].astype(self.cfg.dtype))
+    return y + self.out_bias[...].astype(self.cfg.dtype)
 
   def attend(self, query: Array, key: Array, value: Array, mask: Array, *,
              deterministic: bool = True, probs_out: list | None = None) -> Array:
@@ -361,9 +396,7 @@ class MultiHeadAttention(nnx.Module):
     else:
       out = jax.nn.dot_product_attention(query, key, value, mask=mask,
                                          implementation='xla')
-    out = sharding.constrain(out, ('act_batch', 'act_length', 'act_heads', None))
-    y = jnp.einsum('btnh,nhd->btd', out, self.out_kernel[...].astype(self.cfg.dtype))
-    return y + self.out_bias[...].astype(self.cfg.dtype)
+    return self.output(out)
 
   def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Array, *,
                deterministic: bool = True, probs_out: list | None = None) -> Array:
@@ -472,44 +505,48 @@ class DecoderLayer(nnx.Module):
         deterministic=deterministic)
     return _constrain_embed(y)
 
-  def step(self, y: Array, encoded: Array, cross_mask: Array, cache: Cache,
-           index: Array) -> tuple[Array, Cache]:
+  def step(self, y: Array, encoded: Array, self_mask: Array, cross_mask: Array,
+           cache: Cache, index: Array) -> tuple[Array, Cache]:
     """One decoding position with cached keys and values (deterministic).
 
     Args:
-      y: [B, 1, D], the embedded token at position ``index``.
-      encoded: [B, S, D]; unused when ``cache`` holds the cross-attention keys.
-      cross_mask: [B, 1, 1, S].
-      cache: {'key', 'value': [B, L, N, H]} of this layer's self-attention, and
-        optionally {'cross_key', 'cross_value': [B, S, N, H]}.
+      y: [R, 1, D], the embedded token at position ``index`` of each of R rows.
+      encoded: [B, S, D] with R = B * K (the K rows of a source adjacent); unused
+        when ``cache`` holds the cross-attention keys.
+      self_mask: [1, 1, 1, L] bool, the positions decoded so far and ``index``.
+      cross_mask: [B, 1, 1, S] bool, the source's non-padding positions.
+      cache: {'key', 'value': [R, N, L, H]} of this layer's self-attention, and
+        optionally {'cross_key', 'cross_value': [B, N, S, H]}.
       index: int32 scalar, the position being decoded.
 
     Returns:
-      ([B, 1, D], the updated cache).
+      ([R, 1, D], the updated cache).
     """
     cache = dict(cache)
-    max_len = cache['key'].shape[1]
+    rows = y.shape[0]
 
     def self_attend(h):
-      key, value = self.self_attention.project_key_value(h)  # [B, 1, N, H]
-      start = (0, index, 0, 0)
-      cache['key'] = jax.lax.dynamic_update_slice(cache['key'],
-                                                  key.astype(cache['key'].dtype), start)
-      cache['value'] = jax.lax.dynamic_update_slice(
-          cache['value'], value.astype(cache['value'].dtype), start)
-      # Sec 3.2.3: the token sees the positions decoded so far and itself.
-      mask = (jnp.arange(max_len) <= index)[None, None, None, :]  # [1, 1, 1, L]
-      mask = jnp.broadcast_to(mask, (h.shape[0], 1, 1, max_len))
-      return self.self_attention.attend(self.self_attention.project_query(h),
-                                        cache['key'], cache['value'], mask)
+      attention = self.self_attention
+      query = attention.project_query(h)  # [R, 1, N, H]
+      key, value = attention.project_key_value(h)
+      for name, new in (('key', key), ('value', value)):
+        # [R, 1, N, H] -> [R, N, 1, H] moves a unit axis: a reshape, not a transpose.
+        new = new.reshape(rows, new.shape[2], 1, new.shape[3]).astype(cache[name].dtype)
+        cache[name] = jax.lax.dynamic_update_slice(cache[name], new, (0, 0, index, 0))
+      heads = single_query_attention(query, cache['key'], cache['value'], self_mask)
+      return attention.output(heads)  # heads [R, 1, N, H] read as [B=R, T=1, N, H]
 
     def cross_attend(h):
+      attention = self.cross_attention
       if 'cross_key' in cache:
         key, value = cache['cross_key'], cache['cross_value']
       else:
-        key, value = self.cross_attention.project_key_value(encoded)
-      return self.cross_attention.attend(self.cross_attention.project_query(h),
-                                         key, value, cross_mask)
+        key, value = attention.cache_key_value(encoded)
+      query = attention.project_query(h)  # [R, 1, N, H]
+      sources = key.shape[0]
+      query = query.reshape(sources, rows // sources, *query.shape[2:])  # [B, K, N, H]
+      heads = single_query_attention(query, key, value, cross_mask)
+      return attention.output(heads.reshape(rows, 1, *heads.shape[2:]))
 
     y = self.self_attention_residual(y, self_attend)
     y = self.cross_attention_residual(y, cross_attend)
@@ -679,25 +716,26 @@ class Transformer(nnx.Module):
     """An empty decoding cache.
 
     Args:
-      batch_size: B (beam search: batch x beams).
+      batch_size: R, the rows to decode (beam search: B sources x K beams).
       max_len: L, the most tokens ``decode_step`` will be called for.
-      encoded: optional [B, S, D] encoder output; when given, each layer's
-        cross-attention keys and values are computed once here instead of at
-        every step.
+      encoded: optional [B, S, D] encoder output, B dividing R (the R / B rows of a
+        source adjacent); when given, each layer's cross-attention keys and values
+        are computed once here, once per source, instead of at every step.
 
     Returns:
       {'index': int32 scalar, 'layers': [per decoder layer {'key', 'value':
-      [B, L, N, H]} (+ {'cross_key', 'cross_value': [B, S, N, H]})]}. Every array
-      but 'index' has the batch as its leading axis.
+      [R, N, L, H]} (+ {'cross_key', 'cross_value': [B, N, S, H]})]}. Every array
+      but 'index' has the rows (or sources) as its leading axis; the heads axis
+      comes before the length so that a step attends without transposing them.
     """
     cfg = self.cfg
     if cfg.positions == 'learned' and max_len > cfg.max_len:
       raise ValueError(f'Cache length {max_len} exceeds the learned position table '
                        f'(max_len={cfg.max_len}).')
-    if encoded is not None and encoded.shape[0] != batch_size:
-      raise ValueError(f'encoded has batch {encoded.shape[0]}, cache batch_size is '
-                       f'{batch_size}.')
-    shape = (batch_size, max_len, cfg.num_heads, cfg.qkv_head_dim)
+    if encoded is not None and batch_size % encoded.shape[0]:
+      raise ValueError(f'encoded has batch {encoded.shape[0]}, which does not divide '
+                       f'the cache batch_size {batch_size}.')
+    shape = (batch_size, cfg.num_heads, max_len, cfg.qkv_head_dim)
     key_shape = shape[:-1] + (cfg.qk_head_dim,)
     layers = []
     for layer in self.decoder.layers:
@@ -705,7 +743,7 @@ class Transformer(nnx.Module):
                'value': jnp.zeros(shape, cfg.dtype)}
       if encoded is not None:
         entry['cross_key'], entry['cross_value'] = (
-            layer.cross_attention.project_key_value(encoded))
+            layer.cross_attention.cache_key_value(encoded))
       layers.append(entry)
     return {'index': jnp.zeros((), jnp.int32), 'layers': layers}
 
@@ -715,21 +753,26 @@ class Transformer(nnx.Module):
 
     Args:
       encoded: [B, S, D] encoder output; src: [B, S] source ids (padding mask).
-      token: [B] int32, the previous output token (bos at the first step).
+      token: [R] int32, the previous output token of each row (bos at the first
+        step); R = B * K, the K rows of each source adjacent (beam search), or B.
       cache: from ``init_cache`` or the previous step; position = cache['index'].
 
     Returns:
-      (logits [B, V] float32 for the next token, the updated cache).
+      (logits [R, V] float32 for the next token, the updated cache).
     """
-    if token.ndim != 1 or token.shape[0] != src.shape[0]:
-      raise ValueError(f'token must be [batch={src.shape[0]}], got shape {token.shape}.')
+    if token.ndim != 1 or token.shape[0] % src.shape[0]:
+      raise ValueError(f'token must be [rows], rows a multiple of the sources\' '
+                       f'batch {src.shape[0]}; got shape {token.shape}.')
     index = cache['index']
+    max_len = cache['layers'][0]['key'].shape[2] if cache['layers'] else 0
+    # Sec 3.2.3: the token sees the positions decoded so far and itself.
+    self_mask = (jnp.arange(max_len) <= index)[None, None, None, :]  # [1, 1, 1, L]
     cross_mask = (src != self.cfg.pad_id)[:, None, None, :]  # [B, 1, 1, S]
     positions = jnp.full((token.shape[0], 1), index, jnp.int32)
     y = self.decoder.embed_tokens(token[:, None], positions, deterministic=True)
     new_layers = []
     for layer, layer_cache in zip(self.decoder.layers, cache['layers']):
-      y, layer_cache = layer.step(y, encoded, cross_mask, layer_cache, index)
+      y, layer_cache = layer.step(y, encoded, self_mask, cross_mask, layer_cache, index)
       new_layers.append(layer_cache)
     logits = self.decoder.logits(y)[:, 0]
     return logits, {'index': index + 1, 'layers': new_layers}
