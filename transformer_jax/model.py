@@ -304,25 +304,29 @@ def single_query_attention(query: Array, key: Array, value: Array,
                            mask: Array) -> Array:
   """Sec 3.2.1 for one decoding position per row, over a heads-major cache.
 
-  The keys and values are laid out [B, N, L, H] so that the batched products below
-  contract over their minor axes with (b, n) as batch axes, with no transposes of
-  the cache at each step. ``query`` may hold K rows per key row (the K beams of one
-  sentence, adjacent), which then share that row's keys and values.
+  The keys and values are laid out [B, N, L, H] and the queries are moved to
+  [B, N, K, H], so that both products are batched over (b, n), the leading axes,
+  and contract minor axes: XLA runs them without transposing the cache (on CPU the
+  [B, K, N, H] query order made the cross-attention products 3x slower). ``query``
+  may hold K rows per key row (the K beams of one sentence, adjacent), which then
+  share that row's keys and values.
 
   Args:
     query: [B, K, N, H] (K = 1 for self-attention over each row's own cache).
     key, value: [B, N, L, H].
-    mask: bool, broadcastable to [B, K, N, L]: True where a key is visible.
+    mask: bool, broadcastable to [B, N, K, L]: True where a key is visible.
 
   Returns:
     [B, K, N, H] in the value's dtype.
   """
   scale = 1.0 / math.sqrt(query.shape[-1])
-  logits = jnp.einsum('bknh,bnlh->bknl', query, key,
-                      preferred_element_type=jnp.float32) * scale  # [B, K, N, L]
+  query = jnp.swapaxes(query, 1, 2)  # [B, N, K, H]
+  logits = jnp.einsum('bnkh,bnlh->bnkl', query, key,
+                      preferred_element_type=jnp.float32) * scale  # [B, N, K, L]
   logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1)
-  return jnp.einsum('bknl,bnlh->bknh', probs.astype(value.dtype), value)  # [B, K, N, H]
+  heads = jnp.einsum('bnkl,bnlh->bnkh', probs.astype(value.dtype), value)
+  return jnp.swapaxes(heads, 1, 2)  # [B, K, N, H]
 
 
 class MultiHeadAttention(nnx.Module):
