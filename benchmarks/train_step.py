@@ -13,7 +13,7 @@ Reference: the Flax WMT example's train step on the same shapes and this 2-core
 CPU (fp32, one device) does about 4,000 (tiny) and 210 (base) target tokens/s;
 the script prints our ratio to those figures. MFU is against the FLOP/s this
 device reaches on a large float32 matmul (measured here first), since CPUs have
-no fixed peak; on accelerators the device's bf16 peak from train.PEAK_FLOPS.
+no fixed peak; on accelerators the device's bf16 peak from flops.PEAK_FLOPS.
 """
 
 import os
@@ -29,7 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import default  # noqa: E402
-from transformer_jax import sharding, train  # noqa: E402
+from transformer_jax import flops, sharding, train  # noqa: E402
 
 SHAPES = {
     # name: (model overrides, vocab, batch, length, Flax example target tokens/s)
@@ -100,11 +100,11 @@ def bench(shape: str, dtype: str, steps: int, warmup: int, peak: float,
     cpus.append((_cpu_seconds() - cpu_start) / steps)
   step_s, cpu_s = min(walls), cpus[int(np.argmin(walls))]
   tokens_s = batch * length / step_s
-  flops = train.train_flops(setup.model_cfg, batch, length, length)
+  step_flops = flops.train_flops(setup.model_cfg, batch, length, length)
   return {
       'shape': shape, 'dtype': dtype, 'step_ms': 1e3 * step_s, 'tokens_s': tokens_s,
       'cpu_ms': 1e3 * cpu_s, 'median_ms': 1e3 * float(np.median(walls)),
-      'compile_s': compile_s, 'mfu': flops / step_s / peak,
+      'compile_s': compile_s, 'mfu': step_flops / step_s / peak,
       'step_mem_mib': (mem.argument_size_in_bytes + mem.temp_size_in_bytes +
                        mem.output_size_in_bytes - mem.alias_size_in_bytes) / 2**20
       if mem else float('nan'),
@@ -119,7 +119,7 @@ def main(argv):
     peak, peak_name = matmul_peak_flops(), 'measured float32 matmul'
     machine = f'{os.cpu_count()}-core CPU ({device.device_kind}), 1 device'
   else:
-    peak = train.peak_flops_per_device(default.get_config().train) or matmul_peak_flops()
+    peak = flops.peak_flops_per_device(default.get_config().train) or matmul_peak_flops()
     peak_name, machine = 'device bf16 peak', f'1 x {device.device_kind}'
   print(f'Machine: {machine}; MFU denominator: {peak / 1e9:,.1f} GFLOP/s ({peak_name}).')
   print(f'Load average before: {os.getloadavg()[0]:.2f} (other processes share the '

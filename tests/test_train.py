@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import tiny
 from transformer_jax import checkpoint as checkpoint_lib
+from transformer_jax import flops
 from transformer_jax import sharding
 from transformer_jax import train
 
@@ -169,7 +170,8 @@ def test_mesh_that_does_not_divide_is_a_clear_error():
   config = _config((1, 1, 8))
   config.model.num_heads = 4
   config.model.head_dim = 8
-  with pytest.raises(ValueError, match='4 attention heads are not divisible by tensor = 8'):
+  with pytest.raises(ValueError,
+                     match='4 attention heads are not divisible by tensor = 8'):
     train.TrainSetup.create(config, VOCAB, _mesh(config, (1, 1, 8)))
   config = _config((1, 1, 8))
   with pytest.raises(ValueError, match='vocabulary size 100 is not divisible'):
@@ -188,8 +190,8 @@ def test_flops_count_the_papers_base_model():
   tokens = 100 * 250
   weights = 6 * tokens * (encoder + decoder)
   attention = 3 * 100 * 4 * 250 * 250 * d * (6 + 6 + 6)  # enc self, dec self, cross
-  flops = train.train_flops(cfg, batch=100, src_len=250, tgt_len=250)
-  assert flops == pytest.approx(weights + attention, rel=1e-9)
+  step_flops = flops.train_flops(cfg, batch=100, src_len=250, tgt_len=250)
+  assert step_flops == pytest.approx(weights + attention, rel=1e-9)
 
 
 # ----------------------------------------------------------------------------

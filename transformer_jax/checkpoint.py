@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import os
 import shutil
@@ -131,12 +130,6 @@ class _Info:
 # Training checkpoints.
 
 
-def vocab_fingerprint(vocab_path: str) -> str:
-  """sha256 of the SentencePiece model file: equal iff the vocabulary is equal."""
-  with open(vocab_path, 'rb') as f:
-    return hashlib.sha256(f.read()).hexdigest()
-
-
 def param_shapes(params) -> dict[str, list[int]]:
   """{'path/to/param': shape} of an (abstract) params pytree."""
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
@@ -174,7 +167,8 @@ def check_compatible(saved_meta: dict, expected_meta: dict, where: str) -> None:
   if 'opt_state_shapes' in saved_meta and 'opt_state_shapes' in expected_meta:
     saved, expected = saved_meta['opt_state_shapes'], expected_meta['opt_state_shapes']
     if saved != expected:
-      diff = sorted(k for k in set(saved) | set(expected) if saved.get(k) != expected.get(k))
+      diff = sorted(k for k in set(saved) | set(expected)
+                    if saved.get(k) != expected.get(k))
       raise IncompatibleCheckpointError(
           f'Checkpoint {where} holds a different optimizer state than config.optim '
           f'builds ({len(diff)} entries differ, e.g. {diff[0]!r}: {saved.get(diff[0])} '
@@ -309,7 +303,8 @@ def abstract_model(workdir: str, vocab_size: int | None = None):
       raise FileNotFoundError(f'No checkpoints in {ckpt.directory}.')
     vocab_size = ckpt.read_meta(steps[-1])['vocab_size']
   cfg = model_lib.TransformerConfig.from_config(config.model, vocab_size)
-  model = nnx.eval_shape(lambda: model_lib.Transformer(cfg, rngs=nnx.Rngs(params=0, dropout=0)))
+  model = nnx.eval_shape(
+      lambda: model_lib.Transformer(cfg, rngs=nnx.Rngs(params=0, dropout=0)))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   return graphdef, params, rest, config
 

@@ -6,8 +6,8 @@ mesh, parameters created already sharded, Adam with the paper's schedule, a
 (resume, preemption), console progress, TensorBoard summaries, dev loss and
 perplexity, and BLEU through ``transformer_jax.evaluate`` at the end.
 
-The pieces it is built from (``TrainSetup``, ``shard_batch``, ``train_flops``)
-are public so tests and benchmarks drive the same code.
+The pieces it is built from (``TrainSetup``, ``shard_batch``) are public so
+tests and benchmarks drive the same code.
 
 The train state is a plain dict ``{'params': nnx.State, 'opt_state': optax state,
 'step': int32}``; ``step`` counts micro-batches (with gradient accumulation, k of
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import signal
 import time
@@ -33,6 +32,7 @@ from absl import logging
 from flax import nnx
 
 from transformer_jax import checkpoint as checkpoint_lib
+from transformer_jax import flops as flops_lib
 from transformer_jax import model as model_lib
 from transformer_jax import optim
 from transformer_jax import sharding
@@ -41,54 +41,6 @@ Batch = dict[str, Any]
 # The model inputs of a batch; other keys (e.g. an eval set's 'index') stay on host.
 BATCH_KEYS = ('inputs', 'targets', 'inputs_segmentation', 'inputs_position',
               'targets_segmentation', 'targets_position')
-
-# Dense peak throughput per device (bf16, FLOP/s) for the MFU estimate; override
-# with config.train.peak_tflops_per_device. CPUs have no fixed figure.
-PEAK_FLOPS = {
-    'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v5p': 459e12,
-    'TPU v6 lite': 918e12, 'TPU v6e': 918e12, 'NVIDIA H100': 989e12,
-    'NVIDIA H200': 989e12, 'NVIDIA A100': 312e12, 'Tesla P100': 9.5e12,
-}
-
-
-# ----------------------------------------------------------------------------
-# FLOPs.
-
-
-def forward_flops(cfg: model_lib.TransformerConfig, batch: int, src_len: int,
-                  tgt_len: int) -> float:
-  """Matmul FLOPs of one teacher-forced forward pass over a [B, S] / [B, T] batch.
-
-  Counts 2 FLOPs per multiply-add of every projection, attention product and
-  the output softmax layer, on padded shapes (what the hardware computes).
-  """
-  d, f, v = cfg.d_model, cfg.d_ff, cfg.vocab_size
-  nh = cfg.num_heads * cfg.qkv_head_dim
-  s, t = src_len, tgt_len
-  enc = cfg.num_encoder_layers * (s * (8 * d * nh + 4 * d * f) + 4 * s * s * nh)
-  dec = cfg.num_decoder_layers * (
-      t * (8 * d * nh + 4 * d * nh + 4 * d * f)  # self q,k,v,o; cross q,o; FFN
-      + s * 4 * d * nh  # cross-attention keys and values of the encoder output
-      + 4 * t * t * nh + 4 * t * s * nh)  # self and cross attention products
-  return float(batch * (enc + dec + t * 2 * d * v))
-
-
-def train_flops(cfg, batch: int, src_len: int, tgt_len: int) -> float:
-  """Forward + backward (twice the forward) FLOPs of one train step."""
-  return 3.0 * forward_flops(cfg, batch, src_len, tgt_len)
-
-
-def peak_flops_per_device(train_cfg) -> float | None:
-  """The MFU denominator: config override, else the device kind's bf16 peak."""
-  override = train_cfg.get('peak_tflops_per_device')
-  if override:
-    return float(override) * 1e12
-  kind = jax.devices()[0].device_kind
-  for name, flops in PEAK_FLOPS.items():
-    if kind.startswith(name):
-      return flops
-  return None
-
 
 # ----------------------------------------------------------------------------
 # Sharded state and steps.
@@ -458,7 +410,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   writer = _summary_writer(workdir)
   if writer is not None and step == 0:
     writer.hparams(_flat_hparams(config))
-  peak = peak_flops_per_device(config.train)
+  peak = flops_lib.peak_flops_per_device(config.train)
   preemption = _Preemption()
   log_every = max(1, config.train.log_every_steps)
   history, pending, eval_metrics = {}, [], {}
@@ -479,7 +431,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         window_start, window_flops, skip_tokens = time.time(), 0.0, step
       else:
         b, s = batch['inputs'].shape
-        window_flops += train_flops(setup.model_cfg, b, s, batch['targets'].shape[1])
+        window_flops += flops_lib.train_flops(setup.model_cfg, b, s,
+                                              batch['targets'].shape[1])
       pending.append((step, sums))
       if profiler is not None:
         profiler(step - skip_tokens, step)
