@@ -260,6 +260,24 @@ def test_beams_share_their_sources_cross_attention_cache(post_model):
     model.decode_step(encoded, SRC, jnp.zeros((len(SRC) + 1,), jnp.int32), cache)
 
 
+@pytest.mark.parametrize('share', [True, False])
+def test_decode_step_with_a_precomputed_output_kernel(share):
+  model = build(share_embeddings=share, layer_norm='pre')
+  if not share:  # A non-zero bias, so that leaving it out would show.
+    projection = model.decoder.output_projection
+    projection.bias.value = jax.random.normal(jax.random.key(1), projection.bias.shape)
+  tgt_in = model_lib.shift_right(jnp.asarray(TGT))
+  expected = model(SRC, tgt_in)
+  kernel = model.output_kernel()
+  assert kernel.shape == (TINY.d_model, TINY.vocab_size)
+  encoded = model.encode(SRC)
+  cache = model.init_cache(len(SRC), 4, encoded=encoded)
+  for t in range(2):
+    logits, cache = model.decode_step(encoded, SRC, tgt_in[:, t], cache,
+                                      output_kernel=kernel)
+    np.testing.assert_allclose(logits, expected[:, t], atol=1e-5)
+
+
 def test_xla_attention_equals_einsum_reference():
   xla = build(attention_impl='xla')
   einsum = build(attention_impl='einsum')

@@ -312,10 +312,13 @@ def search_model(graphdef, state, src: jax.Array, *, beam_size: int, alpha: floa
   # they stay out of the part that beam search reorders.
   cache, cross = _split_cross(model.init_cache(batch * k, max_decode_len, encoded=encoded))
 
+  output_kernel = model.output_kernel()  # [D, V], laid out once for every step.
+
   def step_fn(token, cache):
     full = {'index': cache['index'],
             'layers': [dict(layer, **c) for layer, c in zip(cache['layers'], cross)]}
-    logits, full = model.decode_step(encoded, src, token, full)
+    logits, full = model.decode_step(encoded, src, token, full,
+                                     output_kernel=output_kernel)
     return logits, _split_cross(full)[0]
 
   if k == 1:
