@@ -51,11 +51,14 @@ def _batches(num=3, rows=8):
   return out
 
 
-def _run(sizes):
+def _run(sizes, initial=None):
   config = _config(sizes)
   mesh = _mesh(config, sizes)
   setup = train.TrainSetup.create(config, VOCAB, mesh)
-  state = setup.init_state()
+  # The same initial values laid out on this mesh (init_state itself is tested
+  # below); saves compiling the initialiser for every mesh.
+  state = setup.init_state() if initial is None else jax.device_put(
+      initial, setup.state_shardings)
   losses = []
   for batch in _batches():
     state, sums = setup.train_step(state, train.shard_batch(batch, mesh))
@@ -65,7 +68,10 @@ def _run(sizes):
 
 @pytest.fixture(scope='session')
 def one_device():
-  return _run((1, 1, 1))
+  config = _config()
+  setup = train.TrainSetup.create(config, VOCAB, _mesh(config, (1, 1, 1)))
+  initial = jax.device_get(setup.init_state())
+  return (*_run((1, 1, 1), initial), initial)
 
 
 def _named_leaves(tree):
@@ -75,8 +81,8 @@ def _named_leaves(tree):
 
 @pytest.mark.parametrize('sizes', MESHES)
 def test_sharded_steps_equal_one_device(sizes, one_device):
-  ref_losses, ref_state, ref_setup = one_device
-  losses, state, _ = _run(sizes)
+  ref_losses, ref_state, ref_setup, initial = one_device
+  losses, state, _ = _run(sizes, initial)
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   assert int(state['step']) == 3
   lr_total = sum(ref_setup.learning_rate(s) for s in range(3))
@@ -104,10 +110,10 @@ def test_gradient_accumulation_equals_one_big_batch():
   big = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
   results = []
   for accum, feed in ((2, batches), (1, [big])):
-    config = _config((2, 1, 1))
+    config = _config((1, 1, 1))
     config.model.dropout_rate = 0.0
     config.optim.grad_accum_steps = accum
-    mesh = _mesh(config, (2, 1, 1))
+    mesh = _mesh(config, (1, 1, 1))
     setup = train.TrainSetup.create(config, VOCAB, mesh)
     state = setup.init_state()
     for b in feed:
@@ -241,7 +247,7 @@ def runs(shared_data, tmp_path_factory):
   full = train.train_and_evaluate(_text_config(shared_data), full_dir)
 
   resumed_dir = str(tmp_path_factory.mktemp('resumed'))
-  config = _text_config(shared_data)
+  config = _text_config(shared_data, eval_every_steps=0)  # Eval changes no weights.
   config.data.vocab_path = os.path.join(full_dir, 'vocab', 'spm.model')
   original = train._get_datasets
 
