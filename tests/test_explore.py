@@ -242,7 +242,8 @@ def test_cli_writes_figures_and_page_for_the_translation(explore_workdir, tmp_pa
   assert printed == sp.decode(translation_ids)
 
   # The page holds the model's attention for exactly this source and translation.
-  loaded = explore.load_model(explore_workdir)
+  from transformer_jax import translate
+  loaded = translate.load_translator(explore_workdir, use_mesh=False)
   expected = explore.explore_ids(loaded.model, sp.encode(TEXT) + [1], translation_ids)
   for kind, w in expected.items():
     np.testing.assert_allclose(np.array(data['kinds'][kind]['weights']), w, atol=1e-4,
@@ -266,14 +267,14 @@ def test_cli_without_a_checkpoint_is_a_clear_error(explore_workdir, tmp_path):
   assert result.returncode == 1
   assert 'explore: No checkpoints in' in result.stderr
   assert 'Traceback' not in result.stderr
-  from transformer_jax import explore
-  with pytest.raises(FileNotFoundError, match='does not exist'):
-    explore.load_model(str(tmp_path / 'missing'))
+  result = _run_cli(f'--workdir={tmp_path / "missing"}', '--text', TEXT)
+  assert result.returncode == 1
+  assert 'explore: Workdir' in result.stderr and 'does not exist' in result.stderr
 
 
 def test_sentence_longer_than_the_model_is_a_clear_error(explore_workdir):
-  from transformer_jax import explore
-  loaded = explore.load_model(explore_workdir)
+  from transformer_jax import explore, translate
+  loaded = translate.load_translator(explore_workdir, use_mesh=False)
   text = ' '.join(['bicycle'] * 30)
   with pytest.raises(ValueError, match=r"tokens long \(with eos\), more than the "
                                        r"model's maximum length of 24"):

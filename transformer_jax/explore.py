@@ -23,27 +23,17 @@ import os
 import sys
 from collections.abc import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
-from flax import nnx
 
 from transformer_jax import attention_plots
 from transformer_jax import checkpoint as checkpoint_lib
 from transformer_jax import decode as decode_lib
 from transformer_jax import model as model_lib
 from transformer_jax import tokenizer as tokenizer_lib
+from transformer_jax import translate
 from transformer_jax.attention_page import AttentionPage
-
-
-@dataclasses.dataclass
-class LoadedModel:
-  """A workdir's Transformer, ready for decoding, with its vocabulary and config."""
-  model: model_lib.Transformer
-  tokenizer: tokenizer_lib.Tokenizer
-  config: object  # The workdir's ConfigDict.
-  step: int
 
 
 @dataclasses.dataclass
@@ -72,45 +62,6 @@ class Exploration:
     return self.page()._repr_html_()
 
 
-def _concrete(leaf):
-  """Fixed values for state that `restore_params` returns as shapes only.
-
-  Besides the parameters a Transformer holds only its dropout RNG streams; decoding
-  and attention maps are deterministic and never draw from them.
-  """
-  if not isinstance(leaf, jax.ShapeDtypeStruct):
-    return leaf
-  if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-    key = jax.random.key(0)
-    return jax.random.split(key, leaf.shape) if leaf.shape else key
-  return jnp.zeros(leaf.shape, leaf.dtype)
-
-
-def load_model(workdir: str, *, step: int | None = None,
-               average_last: int | None = None) -> LoadedModel:
-  """Restores a training workdir's model and vocabulary for translation.
-
-  Raises:
-    FileNotFoundError: no workdir config, no checkpoint or no vocabulary.
-    ValueError: the vocabulary does not fit the checkpoint.
-  """
-  if not os.path.isdir(workdir):
-    raise FileNotFoundError(f'Workdir {workdir} does not exist.')
-  params, graphdef, rest, config = checkpoint_lib.restore_params(
-      workdir, step=step, average_last=average_last)
-  model = nnx.merge(graphdef, params, jax.tree.map(_concrete, rest))
-  vocab_path = (config.data.get('vocab_path') or
-                os.path.join(workdir, tokenizer_lib.VOCAB_DIRNAME,
-                             tokenizer_lib.VOCAB_FILENAME))
-  tokenizer = tokenizer_lib.Tokenizer(vocab_path)
-  if tokenizer.vocab_size != model.cfg.vocab_size:
-    raise ValueError(f'{vocab_path} has {tokenizer.vocab_size} pieces but the checkpoint '
-                     f'in {workdir} has a {model.cfg.vocab_size}-token embedding.')
-  restored_step = step if step is not None else checkpoint_lib.TrainCheckpointer(
-      workdir, config.checkpoint, read_only=True).latest_step()
-  return LoadedModel(model, tokenizer, config, int(restored_step))
-
-
 def source_ids(tokenizer: tokenizer_lib.Tokenizer, text: str, max_len: int) -> list[int]:
   """The encoder input for ``text``: its pieces and eos.
 
@@ -136,17 +87,20 @@ def explore_ids(model: model_lib.Transformer, src: Sequence[int],
   return {kind: np.asarray(w[:, 0]) for kind, w in weights.items()}
 
 
-def explore_text(loaded: LoadedModel, text: str, *, beam_size: int | None = None,
-                 alpha: float | None = None,
+def explore_text(translator: translate.Translator, text: str, *,
+                 beam_size: int | None = None, alpha: float | None = None,
                  max_extra_len: int | None = None) -> Exploration:
-  """Translates ``text`` (beam search; defaults from the workdir's config.eval) and
-  returns the attention over the source and the translation."""
-  model, tokenizer, eval_cfg = loaded.model, loaded.tokenizer, loaded.config.eval
+  """Translates ``text`` with the translator's beam search (or one with the given
+  settings; the rest from the workdir's config.eval) and returns the attention over
+  the source and the translation."""
+  model, tokenizer, eval_cfg = translator.model, translator.tokenizer, translator.config.eval
   src = source_ids(tokenizer, text, model.cfg.max_len)
-  decoder = decode_lib.Decoder(
-      model, beam_size=beam_size or eval_cfg.beam_size,
-      alpha=eval_cfg.length_penalty if alpha is None else alpha,
-      max_extra_len=eval_cfg.max_extra_length if max_extra_len is None else max_extra_len)
+  decoder = translator.decoder
+  if (beam_size, alpha, max_extra_len) != (None, None, None):
+    decoder = decode_lib.Decoder(
+        model, beam_size=beam_size or eval_cfg.beam_size,
+        alpha=eval_cfg.length_penalty if alpha is None else alpha,
+        max_extra_len=eval_cfg.max_extra_length if max_extra_len is None else max_extra_len)
   translation = decoder(np.asarray([src], np.int32))[0]
   # A learned position table ends at max_len; the decoder input is bos + translation.
   translation = translation[:model.cfg.max_len - 1]
@@ -192,12 +146,18 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax's INFO lines drown the result.
   out_dir = f.out or os.path.join(f.workdir, 'explore')
   try:
-    loaded = load_model(f.workdir, step=f.step, average_last=f.average_last)
-    exploration = explore_text(loaded, f.text, beam_size=f.beam_size, alpha=f.alpha)
+    translator = translate.load_translator(
+        f.workdir, step=f.step, average_last=f.average_last, beam_size=f.beam_size,
+        alpha=f.alpha, use_mesh=False)
+    exploration = explore_text(translator, f.text)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f'explore: {e}')
-  paths = write_outputs(exploration, loaded.model, out_dir)
-  print(f'checkpoint: {f.workdir} step {loaded.step}')
+  paths = write_outputs(exploration, translator.model, out_dir)
+  step = translator.step
+  if step is None:
+    step = checkpoint_lib.TrainCheckpointer(
+        f.workdir, translator.config.checkpoint, read_only=True).latest_step()
+  print(f'checkpoint: {f.workdir} step {step}')
   print(f'source:      {exploration.text}')
   print(f'translation: {exploration.translation}')
   print(f'wrote {len(paths)} files to {out_dir}; open {paths[-1]}')
