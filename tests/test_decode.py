@@ -271,19 +271,35 @@ def test_model_search_sharded_over_the_batch_equals_single_device(tiny_model):
   np.testing.assert_allclose(sharded[1], single[1], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('n,k', [(32000, 8), (8000 * 3 + 50, 6), (4096, 32)])
-def test_blocked_top_k_equals_lax_top_k(n, k):
-  x = jax.random.normal(jax.random.key(n), (3, n))
-  values, indices = jax.jit(decode.top_k, static_argnums=1)(x, k)
-  expected_values, expected_indices = jax.lax.top_k(x, k)
-  np.testing.assert_array_equal(values, expected_values)
+def _reference_candidates(logits, alive_logp, n):
+  logp = jax.nn.log_softmax(logits, axis=-1) + alive_logp[:, :, None]
+  return jax.lax.top_k(logp.reshape(logits.shape[0], -1), n)
+
+
+# V = 8000 splits into blocks of 125; 4099 (prime) is padded to blocks of 128; the
+# small vocabulary takes one lax.top_k.
+@pytest.mark.parametrize('vocab,k', [(8000, 4), (4099, 3), (50, 2)])
+def test_beam_candidates_equal_log_softmax_top_k(vocab, k):
+  batch, n = 3, 2 * k
+  logits = 4 * jax.random.normal(jax.random.key(vocab), (batch, k, vocab))
+  alive_logp = -jnp.abs(jax.random.normal(jax.random.key(1), (batch, k))) * 3
+  alive_logp = alive_logp.at[:, 1:].set(jnp.where(jnp.arange(batch)[:, None] == 0,
+                                                  decode.NEG_INF, alive_logp[:, 1:]))
+  candidates = jax.jit(decode.beam_candidates, static_argnums=2)
+  values, indices = candidates(logits, alive_logp, n)
+  expected_values, expected_indices = _reference_candidates(logits, alive_logp, n)
+  np.testing.assert_allclose(values, expected_values, rtol=1e-6, atol=1e-5)
   np.testing.assert_array_equal(indices, expected_indices)
-  # Ties (a coarse grid of values): the same values, at indices holding them.
-  x = jnp.round(x * 4) / 4
-  values, indices = jax.jit(decode.top_k, static_argnums=1)(x, k)
-  np.testing.assert_array_equal(values, jax.lax.top_k(x, k)[0])
-  np.testing.assert_array_equal(jnp.take_along_axis(x, indices, axis=1), values)
-  assert all(len(set(row)) == k for row in np.asarray(indices).tolist())
+  # Ties (a coarse grid of logits): the same values, at indices holding them.
+  logits = jnp.round(logits)
+  values, indices = candidates(logits, alive_logp, n)
+  expected_values, _ = _reference_candidates(logits, alive_logp, n)
+  np.testing.assert_allclose(values, expected_values, rtol=1e-6, atol=1e-5)
+  logp = jax.nn.log_softmax(logits, axis=-1) + alive_logp[:, :, None]
+  np.testing.assert_allclose(
+      jnp.take_along_axis(logp.reshape(batch, -1), indices, axis=1), values,
+      rtol=1e-6, atol=1e-5)
+  assert all(len(set(row)) == n for row in np.asarray(indices).tolist())
 
 
 def test_first_argmax_equals_argmax_with_ties():
