@@ -220,44 +220,58 @@ def test_cached_decoding_matches_teacher_forcing(model, precompute_cross):
   assert int(cache['index']) == length
 
 
-def test_beam_reordered_cache_follows_its_rows(post_model):
-  model = post_model
+def _beam_prefixes(beams):
+  """Decoder inputs [B * K, T] for K beams per source: beam k's tokens are the
+  target's plus 3k (padding stays), so that the beams' prefixes all differ."""
   tgt_in = np.asarray(model_lib.shift_right(jnp.asarray(TGT)))
-  encoded = model.encode(SRC)
-  cache = model.init_cache(3, 4, encoded=encoded)
-  for t in range(2):
-    _, cache = model.decode_step(encoded, SRC, tgt_in[:, t], cache)
-  order = jnp.array([2, 0, 1])
-  take = lambda x: jnp.take(x, order, axis=0)
-  reordered = {'index': cache['index'], 'layers': jax.tree.map(take, cache['layers'])}
-  logits, _ = model.decode_step(encoded[order], SRC[order], tgt_in[order, 2], reordered)
-  expected = model(SRC[order], tgt_in[order])
-  # Reordered rows 1 and 2 (source rows 0 and 1) have a real token at t = 2.
-  np.testing.assert_allclose(logits[1:], expected[1:, 2], atol=1e-5)
+  rows = np.repeat(tgt_in, beams, axis=0)
+  shift = 3 * np.tile(np.arange(beams), len(TGT))[:, None]
+  rows[:, 1:] = np.where(rows[:, 1:] != 0, rows[:, 1:] + shift, 0)
+  return rows
 
 
 def test_beams_share_their_sources_cross_attention_cache(post_model):
   """K adjacent rows per source, attending to one copy of its keys and values, give
   the teacher-forced logits of the source repeated K times."""
   model, beams = post_model, 2
-  tgt_in = np.asarray(model_lib.shift_right(jnp.asarray(TGT)))
-  rows_tgt_in = np.repeat(tgt_in, beams, axis=0)
-  # The second beam of each source follows a prefix of its own (padding stays).
-  second = rows_tgt_in[1::beams]
-  second[:, 1:] = np.where(second[:, 1:] != 0, second[:, 1:] + 3, 0)
+  rows_tgt_in = _beam_prefixes(beams)
   expected = model(np.repeat(SRC, beams, axis=0), jnp.asarray(rows_tgt_in))
   encoded = model.encode(SRC)
-  cache = model.init_cache(len(SRC) * beams, 4, encoded=encoded)
+  cache = model.init_cache(len(SRC), 4, encoded=encoded, beams=beams)
   assert cache['layers'][0]['cross_key'].shape[0] == len(SRC)
-  assert cache['layers'][0]['key'].shape[0] == len(SRC) * beams
+  assert cache['ancestry'].shape == (len(SRC), beams, 4)
   for t in range(3):
     logits, cache = model.decode_step(encoded, SRC, jnp.asarray(rows_tgt_in[:, t]), cache)
     rows = rows_tgt_in[:, t] != 0
     np.testing.assert_allclose(logits[rows], expected[rows, t], atol=1e-5)
-  with pytest.raises(ValueError, match='does not divide'):
-    model.init_cache(len(SRC) * beams + 1, 4, encoded=encoded)
-  with pytest.raises(ValueError, match='multiple'):
-    model.decode_step(encoded, SRC, jnp.zeros((len(SRC) + 1,), jnp.int32), cache)
+  with pytest.raises(ValueError, match='encoded has batch'):
+    model.init_cache(len(SRC) + 1, 4, encoded=encoded)
+  with pytest.raises(ValueError, match=r'token must be \[3 sources x 2 beams\]'):
+    model.decode_step(encoded, SRC, jnp.zeros((len(SRC),), jnp.int32), cache)
+
+
+def test_reordered_beams_continue_their_parents_prefixes(post_model):
+  """After ``reorder_cache``, each beam decodes as if teacher-forced on its parent's
+  prefix, although no key or value moved in the cache."""
+  model, beams = post_model, 3
+  rows_tgt_in = _beam_prefixes(beams)
+  encoded = model.encode(SRC)
+  cache = model.init_cache(len(SRC), 5, encoded=encoded, beams=beams)
+  parents = np.array([[2, 0, 0], [1, 2, 1], [0, 1, 2]])
+  for t in range(4):
+    if t == 2:  # Beam k of source b continues beam parents[b, k].
+      cache = model.reorder_cache(cache, jnp.asarray(parents))
+      flat = (np.arange(len(SRC))[:, None] * beams + parents).reshape(-1)
+      rows_tgt_in[:, :2] = rows_tgt_in[flat, :2]
+    logits, cache = model.decode_step(encoded, SRC, jnp.asarray(rows_tgt_in[:, t]), cache)
+  expected = model(np.repeat(SRC, beams, axis=0), jnp.asarray(rows_tgt_in))
+  rows = rows_tgt_in[:, 3] != 0
+  assert rows.sum() >= 6
+  np.testing.assert_allclose(logits[rows], expected[rows, 3], atol=1e-5)
+  # Without the reordering the same inputs give other logits.
+  assert np.abs(np.asarray(logits[rows]) - np.asarray(
+      model(np.repeat(SRC, beams, axis=0), jnp.asarray(_beam_prefixes(beams)))[rows, 3])
+  ).max() > 1e-3
 
 
 @pytest.mark.parametrize('share', [True, False])

@@ -3,11 +3,14 @@
 The searches are pure functions of arrays. They see the model only through
 
   step_fn(token [R], cache) -> (logits [R, V], cache)
+  reorder_fn(cache, parents [B, K]) -> cache     (beam search only)
 
 where R is the number of rows being decoded (B for greedy search, B * K for beam
-search, beams of one sentence adjacent) and ``cache`` is the plain pytree of
-``Transformer.init_cache``: every leaf has the rows as its leading axis except the
-scalar position ``'index'``. Beam search reorders the cache by gathering rows.
+search, beams of one sentence adjacent) and ``cache`` is any pytree of arrays. By
+default beam search reorders a cache whose leaves all have the rows as leading axis
+by gathering rows; the Transformer's cache (``Transformer.init_cache``) instead
+keeps keys and values in place and reorders only each beam's ancestry
+(``Transformer.reorder_cache``).
 
 Sec 6.1 of the paper: beam size 4, length penalty alpha = 0.6 in the GNMT form
 ((5 + |Y|) / 6)^alpha, maximum output length = input length + 50, and the search
@@ -36,6 +39,7 @@ NEG_INF = -1.0e9
 
 Cache = Any
 StepFn = Callable[[jax.Array, Cache], tuple[jax.Array, Cache]]
+ReorderFn = Callable[[Cache, jax.Array], Cache]
 
 
 def length_penalty(length, alpha: float):
@@ -204,8 +208,8 @@ def _take_beams(x: jax.Array, idx: jax.Array) -> jax.Array:
 def beam_search(step_fn: StepFn, cache: Cache, src_lengths: jax.Array, *,
                 beam_size: int = 4, alpha: float = 0.6, max_decode_len: int,
                 max_extra_len: int = 50, eos_id: int = EOS_ID,
-                bos_id: int = BOS_ID, pad_id: int = PAD_ID
-                ) -> tuple[jax.Array, jax.Array]:
+                bos_id: int = BOS_ID, pad_id: int = PAD_ID,
+                reorder_fn: ReorderFn | None = None) -> tuple[jax.Array, jax.Array]:
   """Beam search with the GNMT length penalty and early stopping (Sec 6.1).
 
   Each step expands the K alive prefixes of a sentence, keeps the 2K best
@@ -225,6 +229,9 @@ def beam_search(step_fn: StepFn, cache: Cache, src_lengths: jax.Array, *,
     max_decode_len: L, the output buffer length (static).
     max_extra_len: a sentence stops after ``src_length + max_extra_len`` tokens.
     eos_id, bos_id, pad_id: special token ids.
+    reorder_fn: ``(cache, parents [B, K]) -> cache`` for the next step, where new
+      beam k of sentence b continues old beam ``parents[b, k]``; by default every
+      leaf but scalars is a [B * K, ...] array whose rows are gathered.
 
   Returns:
     tokens [B, K, L] int32 (EOS included unless the length limit cut the
@@ -233,7 +240,10 @@ def beam_search(step_fn: StepFn, cache: Cache, src_lengths: jax.Array, *,
   batch, k = src_lengths.shape[0], beam_size
   limits = output_limits(src_lengths, max_extra_len, max_decode_len)
   max_penalty = length_penalty(limits, alpha)  # [B]
-  rows = jnp.arange(batch)[:, None] * k  # [B, 1] first cache row of each sentence
+  if reorder_fn is None:
+    rows = jnp.arange(batch)[:, None] * k  # [B, 1] first cache row of each sentence
+    reorder_fn = lambda cache, parents: gather_cache_rows(
+        cache, (rows + parents).reshape(-1))
 
   def cond(s: _BeamState):
     return (s.i < max_decode_len) & ~jnp.all(s.done)
@@ -261,9 +271,7 @@ def beam_search(step_fn: StepFn, cache: Cache, src_lengths: jax.Array, *,
     alive_logp, pick = jax.lax.top_k(jnp.where(ends, NEG_INF, top_logp), k)
     alive_tokens = _take_beams(tokens, pick)
     last = jnp.take_along_axis(token, pick, axis=1)
-    # One gather of the cache, straight from the old K rows to the new K rows.
-    cache = gather_cache_rows(
-        cache, (rows + jnp.take_along_axis(parent, pick, axis=1)).reshape(-1))
+    cache = reorder_fn(cache, jnp.take_along_axis(parent, pick, axis=1))
 
     best_alive_bound = alive_logp[:, 0] / max_penalty
     done = s.done | at_limit[:, 0] | (finished_scores[:, -1] >= best_alive_bound)
@@ -300,19 +308,6 @@ def strip_eos(tokens: Sequence[int] | np.ndarray, eos_id: int = EOS_ID,
 # The Transformer wired into the searches.
 
 
-def _is_cross(name: str) -> bool:
-  return name.startswith('cross_')
-
-
-def _split_cross(cache: Cache) -> tuple[Cache, list[dict]]:
-  """Separates the per-layer cross-attention keys/values from the self-attention cache."""
-  self_part = {'index': cache['index'],
-               'layers': [{n: x for n, x in layer.items() if not _is_cross(n)}
-                          for layer in cache['layers']]}
-  cross = [{n: x for n, x in layer.items() if _is_cross(n)} for layer in cache['layers']]
-  return self_part, cross
-
-
 def search_model(graphdef, state, src: jax.Array, *, beam_size: int, alpha: float,
                  max_extra_len: int, max_decode_len: int, eos_id: int = EOS_ID,
                  bos_id: int = BOS_ID, pad_id: int = PAD_ID
@@ -335,19 +330,13 @@ def search_model(graphdef, state, src: jax.Array, *, beam_size: int, alpha: floa
   batch, k = src.shape[0], beam_size
   src_lengths = jnp.sum(src != pad_id, axis=1).astype(jnp.int32)
   encoded = model.encode(src)  # [B, S, D]
-  # Cross-attention keys/values are the same for the K beams of a sentence: the cache
-  # holds them once per sentence (the model attends the K adjacent rows to them), and
-  # they stay out of the part that beam search reorders.
-  cache, cross = _split_cross(model.init_cache(batch * k, max_decode_len, encoded=encoded))
-
+  # The K beams of a sentence share its cross-attention keys and values, computed
+  # once here; the model reorders beams through the cache's ancestry.
+  cache = model.init_cache(batch, max_decode_len, encoded=encoded, beams=k)
   output_kernel = model.output_kernel()  # [D, V], laid out once for every step.
 
   def step_fn(token, cache):
-    full = {'index': cache['index'],
-            'layers': [dict(layer, **c) for layer, c in zip(cache['layers'], cross)]}
-    logits, full = model.decode_step(encoded, src, token, full,
-                                     output_kernel=output_kernel)
-    return logits, _split_cross(full)[0]
+    return model.decode_step(encoded, src, token, cache, output_kernel=output_kernel)
 
   if k == 1:
     tokens = greedy_search(step_fn, cache, src_lengths, max_decode_len=max_decode_len,
@@ -356,7 +345,8 @@ def search_model(graphdef, state, src: jax.Array, *, beam_size: int, alpha: floa
     return tokens[:, None], jnp.zeros((batch, 1), jnp.float32)
   return beam_search(step_fn, cache, src_lengths, beam_size=k, alpha=alpha,
                      max_decode_len=max_decode_len, max_extra_len=max_extra_len,
-                     eos_id=eos_id, bos_id=bos_id, pad_id=pad_id)
+                     eos_id=eos_id, bos_id=bos_id, pad_id=pad_id,
+                     reorder_fn=model.reorder_cache)
 
 
 @functools.lru_cache(maxsize=16)

@@ -514,13 +514,15 @@ class DecoderLayer(nnx.Module):
     """One decoding position with cached keys and values (deterministic).
 
     Args:
-      y: [R, 1, D], the embedded token at position ``index`` of each of R rows.
-      encoded: [B, S, D] with R = B * K (the K rows of a source adjacent); unused
-        when ``cache`` holds the cross-attention keys.
-      self_mask: [1, 1, 1, L] bool, the positions decoded so far and ``index``.
+      y: [R, 1, D], the embedded token at position ``index`` of each of the
+        R = B * K rows (the K beams of a source adjacent).
+      encoded: [B, S, D]; unused when ``cache`` holds the cross-attention keys.
+      self_mask: [B, 1, K, L * K] bool: which cached (position, slot) each beam
+        sees (see ``Transformer.decode_step``).
       cross_mask: [B, 1, 1, S] bool, the source's non-padding positions.
-      cache: {'key', 'value': [R, N, L, H]} of this layer's self-attention, and
-        optionally {'cross_key', 'cross_value': [B, N, S, H]}.
+      cache: {'key', 'value': [B, N, L * K, H]} of this layer's self-attention (K
+        slots per source and position), and optionally {'cross_key',
+        'cross_value': [B, N, S, H]}.
       index: int32 scalar, the position being decoded.
 
     Returns:
@@ -528,17 +530,21 @@ class DecoderLayer(nnx.Module):
     """
     cache = dict(cache)
     rows = y.shape[0]
+    sources, beams = cross_mask.shape[0], rows // cross_mask.shape[0]
 
     def self_attend(h):
       attention = self.self_attention
       query = attention.project_query(h)  # [R, 1, N, H]
       key, value = attention.project_key_value(h)
       for name, new in (('key', key), ('value', value)):
-        # [R, 1, N, H] -> [R, N, 1, H] moves a unit axis: a reshape, not a transpose.
-        new = new.reshape(rows, new.shape[2], 1, new.shape[3]).astype(cache[name].dtype)
-        cache[name] = jax.lax.dynamic_update_slice(cache[name], new, (0, 0, index, 0))
+        new = new.reshape(sources, beams, *new.shape[2:])  # [B, K, N, H]
+        new = jnp.swapaxes(new, 1, 2).astype(cache[name].dtype)  # [B, N, K, H]
+        # Position ``index`` of the K slots: entries index * K .. index * K + K - 1.
+        cache[name] = jax.lax.dynamic_update_slice(
+            cache[name], new, (0, 0, index * beams, 0))  # [B, N, L * K, H]
+      query = query.reshape(sources, beams, *query.shape[2:])  # [B, K, N, H]
       heads = single_query_attention(query, cache['key'], cache['value'], self_mask)
-      return attention.output(heads)  # heads [R, 1, N, H] read as [B=R, T=1, N, H]
+      return attention.output(heads.reshape(rows, 1, *heads.shape[2:]))
 
     def cross_attend(h):
       attention = self.cross_attention
@@ -547,8 +553,7 @@ class DecoderLayer(nnx.Module):
       else:
         key, value = attention.cache_key_value(encoded)
       query = attention.project_query(h)  # [R, 1, N, H]
-      sources = key.shape[0]
-      query = query.reshape(sources, rows // sources, *query.shape[2:])  # [B, K, N, H]
+      query = query.reshape(sources, beams, *query.shape[2:])  # [B, K, N, H]
       heads = single_query_attention(query, key, value, cross_mask)
       return attention.output(heads.reshape(rows, 1, *heads.shape[2:]))
 
@@ -735,31 +740,44 @@ class Transformer(nnx.Module):
                         tgt_segments=tgt_segments, tgt_positions=tgt_positions,
                         deterministic=deterministic)
 
-  def init_cache(self, batch_size: int, max_len: int,
-                 encoded: Array | None = None) -> Cache:
-    """An empty decoding cache.
+  def init_cache(self, batch_size: int, max_len: int, encoded: Array | None = None,
+                 *, beams: int = 1) -> Cache:
+    """An empty decoding cache for ``batch_size`` sources and ``beams`` rows each.
+
+    Beam search never moves cached keys and values: beam k of a source writes its
+    position's keys and values into that source's slot k, and ``'ancestry'``
+    records, for each beam and position, the slot holding its prefix there. A beam
+    that continues another takes over its ancestry (``reorder_cache``), a [B, K, L]
+    integer gather, where moving the keys and values would copy the whole cache
+    every step. A step attends over all K * L cached (slot, position) pairs of its
+    source, masked to its own prefix, which is exactly attention over the prefix.
 
     Args:
-      batch_size: R, the rows to decode (beam search: B sources x K beams).
+      batch_size: B, the sources.
       max_len: L, the most tokens ``decode_step`` will be called for.
-      encoded: optional [B, S, D] encoder output, B dividing R (the R / B rows of a
-        source adjacent); when given, each layer's cross-attention keys and values
-        are computed once here, once per source, instead of at every step.
+      encoded: optional [B, S, D] encoder output; when given, each layer's
+        cross-attention keys and values are computed once here, once per source,
+        instead of at every step.
+      beams: K, the rows decoded per source (adjacent rows of ``decode_step``).
 
     Returns:
-      {'index': int32 scalar, 'layers': [per decoder layer {'key', 'value':
-      [R, N, L, H]} (+ {'cross_key', 'cross_value': [B, N, S, H]})]}. Every array
-      but 'index' has the rows (or sources) as its leading axis; the heads axis
-      comes before the length so that a step attends without transposing them.
+      {'index': int32 scalar, 'ancestry': [B, K, L] int32, 'layers': [per decoder
+      layer {'key', 'value': [B, N, L * K, H]} (position-major, slot-minor) (+
+      {'cross_key', 'cross_value': [B, N, S, H]})]}: every array but 'index' has
+      the sources as its leading axis; heads come before positions so that a step
+      attends without transposing the cache, and a step's K slots are adjacent so
+      that it writes them as one slice.
     """
     cfg = self.cfg
     if cfg.positions == 'learned' and max_len > cfg.max_len:
       raise ValueError(f'Cache length {max_len} exceeds the learned position table '
                        f'(max_len={cfg.max_len}).')
-    if encoded is not None and batch_size % encoded.shape[0]:
-      raise ValueError(f'encoded has batch {encoded.shape[0]}, which does not divide '
-                       f'the cache batch_size {batch_size}.')
-    shape = (batch_size, cfg.num_heads, max_len, cfg.qkv_head_dim)
+    if encoded is not None and encoded.shape[0] != batch_size:
+      raise ValueError(f'encoded has batch {encoded.shape[0]}, cache batch_size is '
+                       f'{batch_size}.')
+    if beams < 1:
+      raise ValueError(f'beams must be >= 1, got {beams}.')
+    shape = (batch_size, cfg.num_heads, max_len * beams, cfg.qkv_head_dim)
     key_shape = shape[:-1] + (cfg.qk_head_dim,)
     layers = []
     for layer in self.decoder.layers:
@@ -769,7 +787,16 @@ class Transformer(nnx.Module):
         entry['cross_key'], entry['cross_value'] = (
             layer.cross_attention.cache_key_value(encoded))
       layers.append(entry)
-    return {'index': jnp.zeros((), jnp.int32), 'layers': layers}
+    ancestry = jnp.broadcast_to(jnp.arange(beams, dtype=jnp.int32)[None, :, None],
+                                (batch_size, beams, max_len))
+    return {'index': jnp.zeros((), jnp.int32), 'ancestry': ancestry, 'layers': layers}
+
+  @staticmethod
+  def reorder_cache(cache: Cache, parents: Array) -> Cache:
+    """Beam search's reordering: new beam k of source b continues old beam
+    ``parents[b, k]`` ([B, K] int). Only the ancestry moves (see ``init_cache``)."""
+    ancestry = jnp.take_along_axis(cache['ancestry'], parents[:, :, None], axis=1)
+    return dict(cache, ancestry=ancestry)
 
   def output_kernel(self) -> Array:
     """[D, V]: the pre-softmax weights for ``decode_step`` (see Decoder.output_kernel)."""
@@ -781,22 +808,29 @@ class Transformer(nnx.Module):
 
     Args:
       encoded: [B, S, D] encoder output; src: [B, S] source ids (padding mask).
-      token: [R] int32, the previous output token of each row (bos at the first
-        step); R = B * K, the K rows of each source adjacent (beam search), or B.
+      token: [B * K] int32, the previous output token of each row (bos at the
+        first step), the K beams of a source adjacent.
       cache: from ``init_cache`` or the previous step; position = cache['index'].
       output_kernel: optionally ``output_kernel()`` [D, V], computed once before a
         decoding loop (faster logits on CPU; the same values).
 
     Returns:
-      (logits [R, V] float32 for the next token, the updated cache).
+      (logits [B * K, V] float32 for the next token, the updated cache).
     """
-    if token.ndim != 1 or token.shape[0] % src.shape[0]:
-      raise ValueError(f'token must be [rows], rows a multiple of the sources\' '
-                       f'batch {src.shape[0]}; got shape {token.shape}.')
-    index = cache['index']
-    max_len = cache['layers'][0]['key'].shape[2] if cache['layers'] else 0
-    # Sec 3.2.3: the token sees the positions decoded so far and itself.
-    self_mask = (jnp.arange(max_len) <= index)[None, None, None, :]  # [1, 1, 1, L]
+    index, ancestry = cache['index'], cache['ancestry']
+    sources, beams, max_len = ancestry.shape
+    if token.ndim != 1 or token.shape[0] != sources * beams or src.shape[0] != sources:
+      raise ValueError(f'token must be [{sources} sources x {beams} beams] and src '
+                       f'[{sources}, S] for this cache; got token {token.shape}, '
+                       f'src {src.shape}.')
+    # Beam k's token at this position is in slot k.
+    ancestry = ancestry.at[:, :, index].set(jnp.arange(beams, dtype=jnp.int32))
+    # Sec 3.2.3: a beam sees its prefix so far and itself: for each position <= index,
+    # the one slot its ancestry names. [B, K, L, K slots] -> [B, 1, K, L * K].
+    slots = jnp.arange(beams, dtype=jnp.int32)[None, None, None, :]
+    self_mask = ((ancestry[:, :, :, None] == slots) &
+                 (jnp.arange(max_len) <= index)[None, None, :, None])
+    self_mask = self_mask.reshape(sources, 1, beams, max_len * beams)
     cross_mask = (src != self.cfg.pad_id)[:, None, None, :]  # [B, 1, 1, S]
     positions = jnp.full((token.shape[0], 1), index, jnp.int32)
     y = self.decoder.embed_tokens(token[:, None], positions, deterministic=True)
@@ -805,7 +839,7 @@ class Transformer(nnx.Module):
       y, layer_cache = layer.step(y, encoded, self_mask, cross_mask, layer_cache, index)
       new_layers.append(layer_cache)
     logits = self.decoder.logits(y, output_kernel)[:, 0]
-    return logits, {'index': index + 1, 'layers': new_layers}
+    return logits, {'index': index + 1, 'ancestry': ancestry, 'layers': new_layers}
 
   def attention_weights(self, src: Array, tgt_in: Array) -> dict[str, Array]:
     """Every layer's attention probabilities (deterministic; for visualisation).
