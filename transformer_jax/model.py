@@ -304,16 +304,16 @@ def single_query_attention(query: Array, key: Array, value: Array,
                            mask: Array) -> Array:
   """Sec 3.2.1 for one decoding position per row, over a heads-major cache.
 
-  The keys and values are laid out [B, N, L, H] and the queries are moved to
-  [B, N, K, H], so that both products are batched over (b, n), the leading axes,
-  and contract minor axes: XLA runs them without transposing the cache (on CPU the
-  [B, K, N, H] query order made the cross-attention products 3x slower). ``query``
-  may hold K rows per key row (the K beams of one sentence, adjacent), which then
-  share that row's keys and values.
+  Keys are laid out [B, N, H, L] and values [B, N, L, H], and the queries are moved
+  to [B, N, K, H], so that both products are plain batched matrix products over
+  (b, n), the leading axes: XLA runs them without transposing the cache (on CPU,
+  [B, K, N, H] queries made the products 3x slower, and keys laid out [B, N, L, H]
+  2x slower). ``query`` may hold K rows per key row (the K beams of one sentence,
+  adjacent), which then share that row's keys and values.
 
   Args:
-    query: [B, K, N, H] (K = 1 for self-attention over each row's own cache).
-    key, value: [B, N, L, H].
+    query: [B, K, N, H].
+    key: [B, N, H, L]; value: [B, N, L, H].
     mask: bool, broadcastable to [B, N, K, L]: True where a key is visible.
 
   Returns:
@@ -321,7 +321,7 @@ def single_query_attention(query: Array, key: Array, value: Array,
   """
   scale = 1.0 / math.sqrt(query.shape[-1])
   query = jnp.swapaxes(query, 1, 2)  # [B, N, K, H]
-  logits = jnp.einsum('bnkh,bnlh->bnkl', query, key,
+  logits = jnp.einsum('bnkh,bnhl->bnkl', query, key,
                       preferred_element_type=jnp.float32) * scale  # [B, N, K, L]
   logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1)
@@ -367,8 +367,10 @@ class MultiHeadAttention(nnx.Module):
     return self._project(x, 'key'), self._project(x, 'value')
 
   def cache_key_value(self, x: Array) -> tuple[Array, Array]:
-    """[B, S, D] -> keys and values in a decode cache's layout, each [B, N, S, H]."""
-    return tuple(jnp.swapaxes(y, 1, 2) for y in self.project_key_value(x))
+    """[B, S, D] -> keys [B, N, H, S] and values [B, N, S, H], a decode cache's
+    layout (see ``single_query_attention``)."""
+    key, value = self.project_key_value(x)  # [B, S, N, H]
+    return jnp.transpose(key, (0, 2, 3, 1)), jnp.swapaxes(value, 1, 2)
 
   def output(self, heads: Array) -> Array:
     """W^O: concatenated heads [B, T, N, H] -> [B, T, D]."""
@@ -520,9 +522,9 @@ class DecoderLayer(nnx.Module):
       self_mask: [B, 1, K, L * K] bool: which cached (position, slot) each beam
         sees (see ``Transformer.decode_step``).
       cross_mask: [B, 1, 1, S] bool, the source's non-padding positions.
-      cache: {'key', 'value': [B, N, L * K, H]} of this layer's self-attention (K
-        slots per source and position), and optionally {'cross_key',
-        'cross_value': [B, N, S, H]}.
+      cache: {'key': [B, N, H, L * K], 'value': [B, N, L * K, H]} of this layer's
+        self-attention (K slots per source and position), and optionally
+        {'cross_key': [B, N, H, S], 'cross_value': [B, N, S, H]}.
       index: int32 scalar, the position being decoded.
 
     Returns:
@@ -536,12 +538,15 @@ class DecoderLayer(nnx.Module):
       attention = self.self_attention
       query = attention.project_query(h)  # [R, 1, N, H]
       key, value = attention.project_key_value(h)
-      for name, new in (('key', key), ('value', value)):
-        new = new.reshape(sources, beams, *new.shape[2:])  # [B, K, N, H]
-        new = jnp.swapaxes(new, 1, 2).astype(cache[name].dtype)  # [B, N, K, H]
-        # Position ``index`` of the K slots: entries index * K .. index * K + K - 1.
-        cache[name] = jax.lax.dynamic_update_slice(
-            cache[name], new, (0, 0, index * beams, 0))  # [B, N, L * K, H]
+      # Position ``index`` of the K slots: entries index * K .. index * K + K - 1.
+      key = key.reshape(sources, beams, *key.shape[2:])  # [B, K, N, H]
+      key = jnp.transpose(key, (0, 2, 3, 1)).astype(cache['key'].dtype)  # [B, N, H, K]
+      cache['key'] = jax.lax.dynamic_update_slice(
+          cache['key'], key, (0, 0, 0, index * beams))  # [B, N, H, L * K]
+      value = value.reshape(sources, beams, *value.shape[2:])  # [B, K, N, H]
+      value = jnp.swapaxes(value, 1, 2).astype(cache['value'].dtype)  # [B, N, K, H]
+      cache['value'] = jax.lax.dynamic_update_slice(
+          cache['value'], value, (0, 0, index * beams, 0))  # [B, N, L * K, H]
       query = query.reshape(sources, beams, *query.shape[2:])  # [B, K, N, H]
       heads = single_query_attention(query, cache['key'], cache['value'], self_mask)
       return attention.output(heads.reshape(rows, 1, *heads.shape[2:]))
@@ -762,11 +767,11 @@ class Transformer(nnx.Module):
 
     Returns:
       {'index': int32 scalar, 'ancestry': [B, K, L] int32, 'layers': [per decoder
-      layer {'key', 'value': [B, N, L * K, H]} (position-major, slot-minor) (+
-      {'cross_key', 'cross_value': [B, N, S, H]})]}: every array but 'index' has
-      the sources as its leading axis; heads come before positions so that a step
-      attends without transposing the cache, and a step's K slots are adjacent so
-      that it writes them as one slice.
+      layer {'key': [B, N, H, L * K], 'value': [B, N, L * K, H]} (position-major,
+      slot-minor) (+ {'cross_key': [B, N, H, S], 'cross_value': [B, N, S, H]})]}:
+      every array but 'index' has the sources as its leading axis, laid out so
+      that a step attends without transposing the cache (see
+      ``single_query_attention``) and writes its K slots as one slice.
     """
     cfg = self.cfg
     if cfg.positions == 'learned' and max_len > cfg.max_len:
@@ -778,7 +783,7 @@ class Transformer(nnx.Module):
     if beams < 1:
       raise ValueError(f'beams must be >= 1, got {beams}.')
     shape = (batch_size, cfg.num_heads, max_len * beams, cfg.qkv_head_dim)
-    key_shape = shape[:-1] + (cfg.qk_head_dim,)
+    key_shape = (batch_size, cfg.num_heads, cfg.qk_head_dim, max_len * beams)
     layers = []
     for layer in self.decoder.layers:
       entry = {'key': jnp.zeros(key_shape, cfg.dtype),
