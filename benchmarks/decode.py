@@ -4,7 +4,8 @@ Shapes of the Flax WMT example's decoding benchmark: d_model 128, 2 + 2 layers,
 d_ff 512, 4 heads, vocabulary 8000, 8 sources of 32 tokens, 64 decoding steps
 (output limit = 32 source tokens + 32), random weights, timed after compilation.
 That example decodes about 45 sentences/s with beam 4 on the project's 2-core
-CPU; the printed ratio is against that figure.
+CPU; the printed ratio is against that figure. The CPU is shared, and its speed
+swings with the load average (printed): compare ratios measured under similar load.
 
   python benchmarks/decode.py [--repeats=10] [--batch=8]
 
@@ -28,10 +29,22 @@ from transformer_jax import model as model_lib
 FLAX_WMT_BEAM4_SENTENCES_PER_S = 45.0
 
 
+def _cpu_model() -> str:
+  """The CPU's model name (Linux /proc/cpuinfo), else what ``platform`` knows."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return f'{line.split(":", 1)[1].strip()}, {platform.machine()}'
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def _machine() -> str:
   device = jax.devices()[0]
   if device.platform == 'cpu':
-    return f'{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()})'
+    return f'{os.cpu_count()}-core CPU ({_cpu_model()})'
   return f'{device.device_kind} ({device.platform})'
 
 
