@@ -331,3 +331,26 @@ def test_main_rejects_an_unknown_config_key(tmp_path):
   assert result.returncode != 0
   assert "unknown config key 'num_step'" in result.stderr
   assert 'Traceback' not in result.stderr
+
+
+def test_final_bleu_params_average_the_last_checkpoints(runs, shared_data):
+  full_dir, full, _, _, _ = runs
+  setup, params = full['setup'], full['state']['params']
+  config = _text_config(shared_data)
+  steps = checkpoint_lib.TrainCheckpointer(
+      full_dir, config.checkpoint, read_only=True).all_steps()
+  assert steps[-3:] == [2, 4, 6]
+  config.eval.average_last = 3  # Sec 6.1: average the last checkpoints.
+  averaged = _named_leaves(jax.device_get(train._final_params(setup, params, config,
+                                                              full_dir)))
+  each = [_named_leaves(jax.device_get(
+      checkpoint_lib.restore_params(full_dir, step=s)[0])) for s in (2, 4, 6)]
+  for name in averaged:
+    np.testing.assert_allclose(averaged[name], sum(e[name] for e in each) / 3,
+                               rtol=1e-5, atol=1e-7, err_msg=name)
+  latest = _named_leaves(jax.device_get(params))
+  assert any(not np.allclose(averaged[n], latest[n]) for n in latest)
+  config.eval.average_last = 1  # No averaging: the live parameters themselves.
+  assert train._final_params(setup, params, config, full_dir) is params
+  config.eval.average_last = len(steps) + 1  # Too few checkpoints: the latest.
+  assert train._final_params(setup, params, config, full_dir) is params

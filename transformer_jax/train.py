@@ -342,6 +342,27 @@ def _bleu(setup, params, tokenizer, eval_sets, config, workdir, step, writer):
   return results
 
 
+def _final_params(setup: TrainSetup, params, config, workdir: str):
+  """The parameters the final BLEU is computed with.
+
+  Sec 6.1 decodes with the average of the last ``config.eval.average_last``
+  checkpoints; with fewer checkpoints saved than that, the latest parameters.
+  """
+  k = int(config.eval.average_last or 1)
+  if k <= 1:
+    return params
+  steps = checkpoint_lib.TrainCheckpointer(
+      workdir, config.checkpoint, read_only=True).all_steps()
+  if len(steps) < k:
+    logging.info('Final BLEU with the latest parameters: %d checkpoints saved, '
+                 'fewer than eval.average_last=%d.', len(steps), k)
+    return params
+  averaged, _, _, _ = checkpoint_lib.restore_params(workdir, average_last=k,
+                                                    mesh=setup.mesh)
+  logging.info('Final BLEU with the average of checkpoints %s (Sec 6.1).', steps[-k:])
+  return averaged
+
+
 def write_config(config, workdir: str) -> None:
   """workdir/config.json: what the translate CLI and restore_params read."""
   if jax.process_index() == 0:
@@ -501,8 +522,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   bleu = {}
   if step >= total_steps and eval_sets and config.train.bleu_every_steps >= 0:
-    bleu = _bleu(setup, state['params'], tokenizer, eval_sets, config, workdir, step,
-                 writer)
+    bleu = _bleu(setup, _final_params(setup, state['params'], config, workdir), tokenizer,
+                 eval_sets, config, workdir, step, writer)
   if writer is not None:
     writer.close()
   return {'step': step, 'train_loss': history, 'eval': eval_metrics, 'bleu': bleu,
