@@ -7,6 +7,7 @@ On several hosts (TPU pod slices, SLURM, or ``--coordinator_address``) every hos
 runs the same command; ``jax.distributed.initialize`` joins them first.
 """
 
+import logging as pylogging
 import os
 import sys
 
@@ -53,9 +54,22 @@ def _maybe_initialize_distributed() -> None:
                jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
+class _QuietLibraries(pylogging.Filter):
+  """Drops INFO lines of orbax and tensorstore, which write several per save.
+
+  Progress lines and warnings stay; ``--verbosity=1`` shows everything.
+  """
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    noisy = '/orbax/' in record.pathname or '/tensorstore/' in record.pathname
+    return record.levelno > pylogging.INFO or not noisy
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    logging.get_absl_handler().addFilter(_QuietLibraries())
   _maybe_initialize_distributed()
   from transformer_jax import train  # pylint: disable=g-import-not-at-top
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
