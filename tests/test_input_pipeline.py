@@ -411,6 +411,11 @@ def test_multi30k_pipeline(multi30k_builder, multi30k_dir, vocab_path, corpus, t
   assert eval_sets['test'].sources[0] == 'Ein Mann mit einem orangefarbenen Hut, der etwas anstarrt.'
   assert eval_sets['test'].references[0] == 'A man in an orange hat starring at something.'
   assert next(train_iter)['inputs'].shape in train_iter.spec.shapes()
+  # Plain iteration (as the evaluate CLI does) stops at the end of the split.
+  from transformer_jax.datasets import sources as sources_lib
+  test_pairs = sources_lib.load_pairs(config.data, 'test')
+  assert sum(1 for _ in test_pairs) == 1000
+  assert list(test_pairs)[-1] == test_pairs[-1]
 
 
 def test_multi30k_missing_manual_dir(corpus, vocab_path, tmp_path):

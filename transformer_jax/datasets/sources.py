@@ -51,7 +51,10 @@ class _TfdsPairs(Sequence):
     return len(self._source)
 
   def __getitem__(self, index: int) -> Pair:
-    example = self._source[index]
+    # Sequence's __iter__ stops on IndexError; array_record raises ValueError.
+    if not -len(self) <= index < len(self):
+      raise IndexError(f'{self._name} has {len(self)} examples, not index {index}.')
+    example = self._source[index % len(self)]
     where = f'{self._name} example {index}'
     return (_as_text(example[self._langs[0]], f'{where} ({self._langs[0]})'),
             _as_text(example[self._langs[1]], f'{where} ({self._langs[1]})'))
