@@ -89,6 +89,9 @@ def evaluate_translator(translator: translate.Translator, sources: Sequence[str]
     path = write_results(workdir, split, hypotheses, results)
     logging.info('%s: sacreBLEU %.2f, tokenized BLEU %.2f on %d sentences -> %s', split,
                  results['sacrebleu'], results['tok_bleu'], len(sources), path)
+    for source, hypothesis, reference in list(zip(sources, hypotheses, references))[:3]:
+      logging.info('%s example:\n  source:      %s\n  translation: %s\n  reference:   %s',
+                   split, source, hypothesis, reference)
   return results
 
 
