@@ -3,9 +3,10 @@
   MULTI30K_DIR=../shared/data/multi30k python -m transformer_jax.main \
       --config=configs/multi30k.py --workdir=runs/multi30k
 
-Target: about 35 BLEU on test2016 (public 3-layer, 256-wide reimplementations report
-30-36.5). The model is Table 3 row C's d_model=256 shrunk to 3+3 layers, d_ff 1024
-and 4 heads, with a shared 8k vocabulary and ~4k target tokens a step.
+Measured on a 2-core CPU: 36.1 sacreBLEU (36.1 tokenized) English->German on the full
+test2016, beam 4, after 1600 steps and 40 minutes (README, Results). The model is
+Table 3 row C's d_model=256 shrunk to 3+3 layers, d_ff 1024 and 4 heads, with a
+shared 8k vocabulary and ~4k target tokens a step; post-LN, as in the paper.
 """
 
 from configs import default

@@ -30,7 +30,6 @@ def get_config(arg=None):
   d.max_length = 32
   d.tokens_per_batch = 256
   d.bucket_lengths = (8, 16, 32)
-  d.shuffle_buffer = 128
   d.eval_batch_size = 8
 
   o = config.optim
