@@ -152,11 +152,7 @@ def _read_pairs(source_file: str, reference_file: str) -> tuple[list[str], list[
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  f = flags.FLAGS
-  if not f['verbosity'].present:  # Library INFO lines would bury the progress bar.
-    logging.set_verbosity(logging.WARNING)
+  f = translate.start_cli(argv)
   try:
     translator = translate.translator_from_flags()
     config = translator.config

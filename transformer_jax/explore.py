@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
 from transformer_jax import attention_plots
 from transformer_jax import checkpoint as checkpoint_lib
@@ -140,10 +140,7 @@ def write_outputs(exploration: Exploration, model: model_lib.Transformer,
 
 
 def main(argv):
-  del argv
-  f = flags.FLAGS
-  if not f['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax's INFO lines drown the result.
+  f = translate.start_cli(argv)
   out_dir = f.out or os.path.join(f.workdir, 'explore')
   try:
     translator = translate.load_translator(

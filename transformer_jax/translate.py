@@ -233,12 +233,21 @@ def _read_input(path: str | None) -> list[str]:
     return f.read().splitlines()
 
 
-def main(argv):
+def start_cli(argv: Sequence[str]) -> flags.FlagValues:
+  """Shared start of the translate, evaluate and explore command lines.
+
+  Rejects stray arguments and, unless ``--verbosity`` is given, hides library INFO
+  lines (orbax writes several per restore) that would bury the progress and results.
+  """
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  f = flags.FLAGS
-  if not f['verbosity'].present:  # Library INFO lines would bury the progress bar.
+  if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
+  return flags.FLAGS
+
+
+def main(argv):
+  f = start_cli(argv)
   try:
     lines = _read_input(f.input)
     translator = translator_from_flags()
