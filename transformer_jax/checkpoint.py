@@ -261,6 +261,19 @@ class TrainCheckpointer:
         data=DataStateRestore()))
     return out.params, out.opt_state, out.data, meta
 
+  def restore_params(self, step: int, abstract_params, expected_meta: dict):
+    """Restores only a step's parameters (for decoding; ``Workdir.restore``).
+
+    Args:
+      step: which checkpoint.
+      abstract_params: ShapeDtypeStructs with ``sharding`` set.
+      expected_meta: as in :meth:`restore`; checked before arrays are read.
+    """
+    where = os.path.join(self.directory, str(step))
+    check_compatible(self.read_meta(step), expected_meta, where)
+    return self.manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_params))).params
+
   def read_meta(self, step: int) -> dict:
     return self.manager.restore(
         step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta

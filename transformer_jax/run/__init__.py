@@ -1,0 +1,1 @@
+"""A training run on disk: its directory layout (workdir) and orbax checkpoints."""

@@ -1,0 +1,289 @@
+"""Workdir: the one place that knows a training run directory's layout.
+
+A run directory holds::
+
+  config.json        the experiment's ConfigDict (written once when training starts)
+  vocab/spm.model    the shared SentencePiece vocabulary (unless config.data.vocab_path)
+  checkpoints/<N>/   one orbax checkpoint per saved step (``checkpoint.TrainCheckpointer``)
+  eval/, explore/    what evaluate and explore write
+
+Every command line, training's final BLEU and the exporters open a run through
+:class:`Workdir`: it reads the config once, builds the checkpointer once, resolves
+which steps a request means (``step=None`` = the latest; ``average_last=K`` = the K
+checkpoints up to it, Sec 6.1) and restores parameters onto any device layout through
+:meth:`Workdir.restore`, the single restore path for decoding, so checks on
+checkpoints apply to every user.
+
+  wd = Workdir.open('runs/multi30k')
+  restored = wd.restore(average_last=5)     # .params, .step, .meta, .steps
+  model = wd.model(restored)                # the Transformer with those parameters
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import ml_collections
+
+from transformer_jax import checkpoint as checkpoint_lib
+from transformer_jax import tokenizer as tokenizer_lib
+
+CONFIG_FILE = 'config.json'
+CHECKPOINT_DIR = 'checkpoints'
+
+
+class Restored(NamedTuple):
+  """What :meth:`Workdir.restore` returns.
+
+  Attributes:
+    params: nnx.State of the model's Params (the mean over ``steps``).
+    step: the resolved step (the last of ``steps``).
+    meta: that step's checkpoint metadata (vocab fingerprint and size, parameter
+      shapes) plus ``averaged_steps`` when more than one step was averaged.
+    steps: the checkpoint steps whose parameters were averaged, oldest first.
+  """
+  params: Any
+  step: int
+  meta: dict
+  steps: list[int]
+
+
+class Workdir:
+  """A training run directory: its config, vocabulary and checkpoints.
+
+  Construct with :meth:`open` for an existing run (decoding, evaluation, export) or
+  :meth:`create` when training starts one.
+  """
+
+  def __init__(self, path: str | os.PathLike[str],
+               config: ml_collections.ConfigDict | None = None):
+    self.path = os.path.abspath(os.fspath(path))
+    self._config = config
+    self._checkpointers: dict[bool, checkpoint_lib.TrainCheckpointer] = {}
+    self._abstract: dict[int, tuple] = {}
+
+  @classmethod
+  def open(cls, path: str | os.PathLike[str]) -> Workdir:
+    """An existing run; reads its config.json.
+
+    Raises:
+      FileNotFoundError: no such directory, or it holds no config.json.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+      raise FileNotFoundError(f'Workdir {path} does not exist.')
+    wd = cls(path)
+    wd.config  # pylint: disable=pointless-statement  # Fail now if it is no run.
+    return wd
+
+  @classmethod
+  def create(cls, path: str | os.PathLike[str],
+             config: ml_collections.ConfigDict) -> Workdir:
+    """A run that training writes ``config`` into (process 0 writes config.json)."""
+    wd = cls(path, config)
+    wd.write_config(config)
+    return wd
+
+  # --------------------------------------------------------------------------
+  # Layout.
+
+  @property
+  def config_path(self) -> str:
+    return os.path.join(self.path, CONFIG_FILE)
+
+  @property
+  def checkpoint_dir(self) -> str:
+    return os.path.join(self.path, CHECKPOINT_DIR)
+
+  @property
+  def vocab_dir(self) -> str:
+    """The run's own vocabulary folder (copied by averaging and export)."""
+    return os.path.join(self.path, tokenizer_lib.VOCAB_DIRNAME)
+
+  @property
+  def vocab_path(self) -> str:
+    """The SentencePiece model: ``config.data.vocab_path`` or ``vocab/spm.model``."""
+    return (self.config.data.get('vocab_path')
+            or os.path.join(self.vocab_dir, tokenizer_lib.VOCAB_FILENAME))
+
+  @property
+  def config(self) -> ml_collections.ConfigDict:
+    """The run's ConfigDict, read from config.json once."""
+    if self._config is None:
+      if not os.path.exists(self.config_path):
+        raise FileNotFoundError(
+            f'{self.config_path} not found: {self.path} is not a training workdir.')
+      with open(self.config_path) as f:
+        self._config = ml_collections.ConfigDict(json.load(f))
+    return self._config
+
+  def write_config(self, config: ml_collections.ConfigDict) -> None:
+    """Writes config.json atomically (process 0 only)."""
+    self._config = config
+    if jax.process_index() == 0:
+      os.makedirs(self.path, exist_ok=True)
+      with open(self.config_path + '.tmp', 'w') as f:
+        f.write(config.to_json_best_effort(indent=2))
+      os.replace(self.config_path + '.tmp', self.config_path)
+
+  def tokenizer(self) -> tokenizer_lib.Tokenizer:
+    """The run's vocabulary.
+
+    Raises:
+      FileNotFoundError: the SentencePiece model is missing.
+    """
+    path = self.vocab_path
+    if not os.path.exists(path):
+      raise FileNotFoundError(
+          f'Vocabulary {path} not found (training writes it to {self.vocab_dir}/).')
+    return tokenizer_lib.Tokenizer(path)
+
+  # --------------------------------------------------------------------------
+  # Checkpoints.
+
+  def checkpointer(self, *, read_only: bool = True) -> checkpoint_lib.TrainCheckpointer:
+    """The run's orbax checkpointer (one per mode, reused). Training asks for
+    ``read_only=False``; everything else reads."""
+    if read_only not in self._checkpointers:
+      self._checkpointers[read_only] = checkpoint_lib.TrainCheckpointer(
+          self.path, self.config.checkpoint, read_only=read_only)
+    return self._checkpointers[read_only]
+
+  def close(self) -> None:
+    """Waits for pending saves and closes the checkpointers."""
+    for ckpt in self._checkpointers.values():
+      ckpt.close()
+    self._checkpointers.clear()
+
+  def steps(self) -> list[int]:
+    """The saved checkpoint steps, oldest first."""
+    if not os.path.isdir(self.checkpoint_dir):
+      return []
+    return sorted(self.checkpointer().all_steps())
+
+  def latest_step(self) -> int | None:
+    steps = self.steps()
+    return steps[-1] if steps else None
+
+  def resolve_steps(self, step: int | None = None, average_last: int | None = 1
+                    ) -> list[int]:
+    """The checkpoints a request means: the ``average_last`` steps up to ``step``.
+
+    Args:
+      step: the last step; None = the latest.
+      average_last: how many checkpoints to average (None or 1 = just ``step``).
+
+    Returns:
+      Steps, oldest first; the last is the resolved ``step``.
+
+    Raises:
+      FileNotFoundError: no checkpoints, or none for ``step``.
+      ValueError: ``average_last`` < 1, or fewer checkpoints than it asks for.
+    """
+    k = 1 if average_last is None else int(average_last)
+    if k < 1:
+      raise ValueError(f'average_last must be >= 1, got {k}.')
+    steps = self.steps()
+    if not steps:
+      raise FileNotFoundError(f'No checkpoints in {self.checkpoint_dir}.')
+    step = steps[-1] if step is None else int(step)
+    if step not in steps:
+      raise FileNotFoundError(f'No checkpoint for step {step} in {self.checkpoint_dir} '
+                              f'(steps: {steps}).')
+    chosen = [s for s in steps if s <= step][-k:]
+    if len(chosen) < k:
+      raise ValueError(f'Asked to average the last {k} checkpoints up to step {step}, '
+                       f'but {self.checkpoint_dir} holds only {chosen}.')
+    return chosen
+
+  def read_meta(self, step: int) -> dict:
+    """A checkpoint's metadata (vocab fingerprint and size, parameter shapes)."""
+    return self.checkpointer().read_meta(step)
+
+  # --------------------------------------------------------------------------
+  # The model.
+
+  def abstract_model(self, vocab_size: int):
+    """The run's Transformer with shape-only arrays.
+
+    Returns:
+      ``(graphdef, abstract_params, rest)``: ``abstract_params`` is the nnx.State
+      of Params as ShapeDtypeStructs, ``rest`` the other state (dropout RNGs).
+    """
+    if vocab_size not in self._abstract:
+      from flax import nnx
+      from transformer_jax import model as model_lib
+      cfg = model_lib.TransformerConfig.from_config(self.config.model, vocab_size)
+      model = nnx.eval_shape(
+          lambda: model_lib.Transformer(cfg, rngs=nnx.Rngs(params=0, dropout=0)))
+      self._abstract[vocab_size] = nnx.split(model, nnx.Param, ...)
+    return self._abstract[vocab_size]
+
+  def restore(self, step: int | None = None, average_last: int | None = 1, *,
+              mesh: jax.sharding.Mesh | None = None,
+              rules: Sequence[tuple[str, Any]] | None = None) -> Restored:
+    """Restores the model parameters of checkpoint(s), without the optimizer state.
+
+    Args:
+      step: which checkpoint; None = the latest.
+      average_last: the mean of the last K checkpoints up to ``step`` (Sec 6.1: 5
+        for base, 20 for big); None or 1 = no averaging.
+      mesh: place the parameters on this mesh following ``rules`` (default the
+        config's ``mesh`` rules); None = the first local device.
+      rules: logical-axis rules for ``mesh``.
+
+    Returns:
+      :class:`Restored` (params, resolved step, its metadata, averaged steps).
+
+    Raises:
+      FileNotFoundError, ValueError: see :meth:`resolve_steps`.
+      checkpoint.IncompatibleCheckpointError: a checkpoint does not fit the model.
+    """
+    steps = self.resolve_steps(step, average_last)
+    step = steps[-1]
+    meta = self.read_meta(step)
+    _, abstract, _ = self.abstract_model(int(meta['vocab_size']))
+    if mesh is None:
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      shardings = jax.tree.map(lambda _: device, abstract)
+    else:
+      from transformer_jax import sharding
+      if rules is None:
+        rules = sharding.rules_from_config(self.config.mesh)
+      shardings = sharding.param_shardings(abstract, mesh, rules)
+    target = checkpoint_lib.with_shardings(abstract, shardings)
+    expected = dict(meta, param_shapes=checkpoint_lib.param_shapes(abstract))
+    ckpt = self.checkpointer()
+    total = None
+    for s in steps:
+      params = ckpt.restore_params(s, target, expected)
+      total = params if total is None else jax.tree.map(lambda a, b: a + b, total, params)
+    if len(steps) > 1:
+      total = jax.tree.map(lambda a: (a / len(steps)).astype(a.dtype), total)
+      meta = dict(meta, averaged_steps=list(steps))
+    return Restored(total, step, meta, list(steps))
+
+  def model(self, restored: Restored):
+    """The Transformer holding the parameters :meth:`restore` returned."""
+    from flax import nnx
+    graphdef, _, rest = self.abstract_model(int(restored.meta['vocab_size']))
+    return nnx.merge(graphdef, restored.params, jax.tree.map(_concrete, rest))
+
+  def __repr__(self) -> str:
+    return f'Workdir({self.path!r})'
+
+
+def _concrete(leaf):
+  """A value for non-parameter state known only by shape (the dropout RNG keys,
+  never drawn from when decoding)."""
+  import jax.numpy as jnp
+  if not isinstance(leaf, jax.ShapeDtypeStruct):
+    return leaf
+  if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+    key = jax.random.key(0)
+    return jax.random.split(key, leaf.shape) if leaf.shape else key
+  return jnp.zeros(leaf.shape, leaf.dtype)
