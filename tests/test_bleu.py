@@ -94,6 +94,45 @@ def test_sacrebleu_path_equals_corpus_bleu():
   assert 'case:mixed' in scores.sacrebleu_signature
   assert scores.num_sentences == 3
   assert scores.tok_bleu == pytest.approx(bleu.tokenized_bleu(hyps, refs))
+  assert scores.lc_tok_bleu == pytest.approx(bleu.lowercase_tokenized_bleu(hyps, refs))
+
+
+def test_multi30k_tokenize_lowercases_normalizes_and_splits():
+  # task1-tokenize.sh: lowercase.perl | normalize-punctuation.perl | tokenizer.perl.
+  assert bleu.multi30k_tokenize('Ein Mann, der „Hallo“ sagt.') == (
+      'ein mann , der &quot; hallo &quot; sagt .')
+
+
+def test_lowercase_tokenized_bleu_known_value():
+  # 'ein mann fährt auf einem roten fahrrad die straße entlang .' against
+  # 'ein mann fährt mit einem roten fahrrad die straße hinunter .' (11 tokens each):
+  # 9/11 unigrams, 6/10 bigrams, 4/9 trigrams, 2/8 4-grams match; no brevity penalty.
+  hyp = ['Ein Mann fährt auf einem roten Fahrrad die Straße entlang.']
+  ref = ['Ein MANN fährt mit einem roten Fahrrad die Straße hinunter.']
+  expected = 100 * (9 / 11 * 6 / 10 * 4 / 9 * 2 / 8) ** 0.25
+  assert bleu.lowercase_tokenized_bleu(hyp, ref) == pytest.approx(expected, abs=1e-9)
+  # Case and attached punctuation change the cased figures, not this one.
+  assert bleu.lowercase_tokenized_bleu([h.title() for h in hyp], ref) == pytest.approx(
+      expected, abs=1e-9)
+  assert bleu.tokenized_bleu(hyp, ref) < expected
+
+
+def test_lowercase_tokenized_bleu_equals_sacrebleu_lowercase_13a():
+  # On words, commas and full stops, Moses and sacreBLEU's 13a tokenize alike, so
+  # the figure equals sacreBLEU's lowercase=True, tokenize='13a' (no smoothing).
+  rng = random.Random(1)
+  words = ['Hund', 'hund', 'Mann', 'läuft', 'im', 'Park', 'Straße', 'ein']
+  def sentence():
+    out = ' '.join(rng.choices(words, k=rng.randint(5, 10)))
+    return out[:-1] + out[-1] + rng.choice(['.', ', ja.', '', '!'])
+  for _ in range(5):
+    refs = [sentence() for _ in range(8)]
+    hyps = [sentence() if rng.random() < 0.5 else r.swapcase() for r in refs]
+    expected = sacrebleu.BLEU(lowercase=True, tokenize='13a', smooth_method='none'
+                              ).corpus_score(hyps, [refs]).score
+    assert bleu.lowercase_tokenized_bleu(hyps, refs) == pytest.approx(expected, abs=1e-9)
+    tokenized = [[bleu.multi30k_tokenize(x) for x in side] for side in (hyps, refs)]
+    assert expected == pytest.approx(_multi_bleu_by_hand(*tokenized), abs=1e-9)
 
 
 def test_misaligned_corpora_rejected():

@@ -8,11 +8,12 @@ translates the split named by the workdir's config (``validation`` =
 newstest2014) or the given text files with beam search (Sec 6.1), and writes
 
   DIR/eval/<split>.hyp.txt   the translations, one a line, in corpus order
-  DIR/eval/<split>.json      {'sacrebleu', 'sacrebleu_signature', 'tok_bleu',
+  DIR/eval/<split>.json      {'sacrebleu', 'sacrebleu_signature', 'tok_bleu', 'lc_tok_bleu',
                               'num_sentences', 'step', ...}
 
 ``tok_bleu`` is the paper's tokenized, compound-split BLEU; ``sacrebleu`` the
-detokenized figure people compare today (see ``bleu.py``). Training calls
+detokenized figure people compare today; ``lc_tok_bleu`` the lower-cased,
+Moses-tokenized BLEU Multi30k papers report (see ``bleu.py``). Training calls
 :func:`evaluate_bleu` on its evaluation sets at the end of a run.
 """
 
@@ -58,11 +59,13 @@ def score_translations(hypotheses: Sequence[str], references: Sequence[str], *,
   """The JSON-able result of one evaluation (both BLEU figures, corpus size, step)."""
   scores = bleu.compute_bleu(hypotheses, references, lang=lang)
   return {'sacrebleu': scores.sacrebleu, 'tok_bleu': scores.tok_bleu,
-          'num_sentences': scores.num_sentences,
+          'lc_tok_bleu': scores.lc_tok_bleu, 'num_sentences': scores.num_sentences,
           'step': None if step is None else int(step),
           'sacrebleu_signature': scores.sacrebleu_signature,
           'tok_bleu_method': f'moses tokenizer -l {lang}, ##AT##-##AT## compounds, '
-                             'multi-bleu'}
+                             'multi-bleu',
+          'lc_tok_bleu_method': f'lower-cased, moses normalize-punctuation and tokenizer '
+                                f'-l {lang} (Multi30k task1-tokenize.sh), multi-bleu'}
 
 
 def evaluate_translator(translator: translate.Translator, sources: Sequence[str],
@@ -87,8 +90,9 @@ def evaluate_translator(translator: translate.Translator, sources: Sequence[str]
                  **(extra or {}))
   if workdir is not None and jax.process_index() == 0:
     path = write_results(workdir, split, hypotheses, results)
-    logging.info('%s: sacreBLEU %.2f, tokenized BLEU %.2f on %d sentences -> %s', split,
-                 results['sacrebleu'], results['tok_bleu'], len(sources), path)
+    logging.info('%s: sacreBLEU %.2f, tokenized BLEU %.2f, lower-cased tokenized BLEU '
+                 '%.2f on %d sentences -> %s', split, results['sacrebleu'],
+                 results['tok_bleu'], results['lc_tok_bleu'], len(sources), path)
     for source, hypothesis, reference in list(zip(sources, hypotheses, references))[:3]:
       logging.info('%s example:\n  source:      %s\n  translation: %s\n  reference:   %s',
                    split, source, hypothesis, reference)

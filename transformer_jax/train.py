@@ -332,7 +332,7 @@ def _bleu(setup, params, tokenizer, eval_sets, config, workdir, step, writer):
     scores = evaluate_lib.evaluate_bleu(
         model, tokenizer, eval_set, config, workdir=workdir, step=step, split=split,
         max_sentences=config.train.bleu_max_sentences or None)
-    for name in ('sacrebleu', 'tok_bleu'):
+    for name in ('sacrebleu', 'tok_bleu', 'lc_tok_bleu'):
       if name in scores:
         results[f'{split}/{name}'] = float(scores[name])
   logging.info('step %d BLEU: %s', step, results)
