@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv with the pinned dependencies, and (as root, on Debian) the headless
+# Creates .venv with the pinned dependencies and the test extras, and (as root, on Debian) the headless
 # Chromium that the attention-page browser test drives.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +9,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -r requirements.txt
-.venv/bin/pip install -q --no-deps -e .
+# The package itself plus the test extras (pytest, selenium, libtpu for the TPU
+# dry-run tests); its runtime dependencies are the pins above.
+.venv/bin/pip install -q -e '.[test]'
 
 # Headless Chromium for tests/test_attention_page.py (skipped there when absent).
 if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then

@@ -19,6 +19,17 @@ assignment differ from the TPU and GPU compilers', so temporaries approximate wh
 accelerator needs (parameters and optimizer state are exact). Without
 ``--num_devices`` the step is compiled for the real devices of the default backend,
 which gives that backend's own figures.
+
+With ``--topology`` (needs libtpu: ``pip install -e ".[tpu]"``) the step is compiled
+by the real TPU compiler for a TPU slice this machine does not have:
+
+  python -m transformer_jax.dry_run --config=configs/wmt14_en_de_big.py \
+      --topology=v5e:4x4 --mesh=1,16,1
+
+and the report adds, per chip: HBM use against the chip's capacity, the FLOPs of
+the step from the compiler's cost analysis, the collectives in the compiled HLO
+(kind, count, bytes), the compiler's estimated step time and the MFU it implies;
+then the same for the beam-search decode of one evaluation batch.
 """
 
 from __future__ import annotations
@@ -62,8 +73,81 @@ class ParamSharding:
 
 
 @dataclasses.dataclass(frozen=True)
+class CompiledCost:
+  """What the compiler says about one compiled program, per device."""
+  argument_bytes: int
+  output_bytes: int
+  alias_bytes: int  # Outputs written over donated inputs.
+  temp_bytes: int  # Activations, gradients and scratch live during the program.
+  code_bytes: int
+  flops: float | None  # cost_analysis()['flops'] (loop bodies counted once).
+  estimated_seconds: float | None  # cost_analysis()['optimal_seconds'] (TPU only).
+  collectives: tuple  # topology.Collective per kind.
+
+  @property
+  def peak_bytes(self) -> int:
+    """What the program holds at once: inputs, new outputs not aliased, temporaries."""
+    return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+  @classmethod
+  def of(cls, compiled) -> 'CompiledCost':
+    import jax
+    from transformer_jax import topology
+    mem = compiled.memory_analysis()
+    if mem is None:
+      raise RuntimeError(f'The {jax.default_backend()} backend gives no memory analysis.')
+    cost = compiled.cost_analysis() or {}
+    if isinstance(cost, list):  # Older jax: one dict per computation.
+      cost = cost[0] if cost else {}
+    seconds = cost.get('optimal_seconds')
+    return cls(
+        argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
+        alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
+        code_bytes=mem.generated_code_size_in_bytes,
+        flops=cost.get('flops'),
+        estimated_seconds=seconds if seconds and seconds > 0 else None,
+        collectives=topology.collectives(compiled.as_text() or ''))
+
+  def format_collectives(self) -> list[str]:
+    if not self.collectives:
+      return ['  collectives       none']
+    return [f'  collectives       {c.kind} x{c.count} ({c.bytes / 2**20:.1f} MiB)'
+            for c in self.collectives]
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeReport:
+  """Per-device cost of one compiled beam search over an evaluation batch."""
+  batch_shape: tuple[int, int]  # [B, S] source ids.
+  beam_size: int
+  max_decode_len: int
+  cost: CompiledCost
+
+  def format(self, hbm_bytes: int | None) -> str:
+    b, s = self.batch_shape
+    c = self.cost
+    lines = [f'beam search (K={self.beam_size}) over a [{b}, {s}] source batch, up to '
+             f'{self.max_decode_len} target tokens, per device:',
+             f'  arguments         {c.argument_bytes / _GIB:8.3f} GiB  (parameters + '
+             'batch)',
+             f'  temporaries       {c.temp_bytes / _GIB:8.3f} GiB  (cache, beams, scratch)',
+             f'  peak              {c.peak_bytes / _GIB:8.3f} GiB' + _of_capacity(
+                 c.peak_bytes, hbm_bytes)]
+    if c.flops is not None:
+      lines.append(f'  flops             {c.flops:.3e}  (the loop body counted once)')
+    return '\n'.join(lines + c.format_collectives())
+
+
+def _of_capacity(used: int, capacity: int | None) -> str:
+  if not capacity:
+    return ''
+  verdict = 'fits' if used <= capacity else 'DOES NOT FIT'
+  return f'  of {capacity / _GIB:.1f} GiB HBM: {100 * used / capacity:.0f}%, {verdict}'
+
+
+@dataclasses.dataclass(frozen=True)
 class DryRunReport:
-  """Per-device memory of one compiled train step (bytes)."""
+  """Per-device memory (bytes) and cost of one compiled train step."""
   config_name: str
   mesh: dict[str, int]
   device_kind: str
@@ -72,42 +156,76 @@ class DryRunReport:
   num_params: int
   params_bytes: int  # This device's shards of the parameters.
   opt_state_bytes: int  # ... of the optimizer state (Adam moments, accumulators).
-  argument_bytes: int  # Everything passed in: state and batch.
-  output_bytes: int
-  alias_bytes: int  # Outputs written over donated inputs.
-  temp_bytes: int  # Activations, gradients and scratch live during the step.
-  code_bytes: int
+  cost: CompiledCost
   param_shardings: tuple[ParamSharding, ...]
+  model_flops: float = 0.0  # flops.train_flops of the global batch (all devices).
+  hbm_bytes: int | None = None  # Per device, when the chip is known.
+  peak_flops: float | None = None  # Per device, dense bf16.
+  decode: DecodeReport | None = None
+
+  # The memory figures, as before the cost moved into CompiledCost.
+  argument_bytes = property(lambda self: self.cost.argument_bytes)
+  output_bytes = property(lambda self: self.cost.output_bytes)
+  alias_bytes = property(lambda self: self.cost.alias_bytes)
+  temp_bytes = property(lambda self: self.cost.temp_bytes)
+  peak_bytes = property(lambda self: self.cost.peak_bytes)
 
   @property
-  def peak_bytes(self) -> int:
-    """What the step holds at once: inputs, new outputs not aliased, temporaries."""
-    return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+  def fits(self) -> bool | None:
+    return None if not self.hbm_bytes else self.peak_bytes <= self.hbm_bytes
+
+  @property
+  def mfu(self) -> float | None:
+    """Model FLOPs over (devices x peak x the compiler's estimated step time)."""
+    seconds = self.cost.estimated_seconds
+    if not (seconds and self.peak_flops and self.model_flops):
+      return None
+    return self.model_flops / (_devices(self.mesh) * self.peak_flops * seconds)
 
   def format(self) -> str:
     """The human-readable report the command prints."""
     mesh = ' x '.join(f'{k}={v}' for k, v in self.mesh.items())
     b, length = self.batch_shape
+    c = self.cost
     lines = [
         f'{self.config_name}: {self.num_params / 1e6:.1f}M parameters, mesh {mesh} '
         f'({self.device_kind}), batch [{b}, {length}] = {self.tokens_per_batch} tokens '
         'a side',
-        'per device:',
+        'train step, per device:',
         f'  parameters        {self.params_bytes / _GIB:8.3f} GiB',
         f'  optimizer state   {self.opt_state_bytes / _GIB:8.3f} GiB',
-        f'  temporaries       {self.temp_bytes / _GIB:8.3f} GiB  (activations, '
+        f'  temporaries       {c.temp_bytes / _GIB:8.3f} GiB  (activations, '
         'gradients, scratch)',
-        f'  arguments         {self.argument_bytes / _GIB:8.3f} GiB  (state + batch)',
-        f'  outputs           {self.output_bytes / _GIB:8.3f} GiB  '
-        f'({self.alias_bytes / _GIB:.3f} GiB written over donated inputs)',
-        f'  peak              {self.peak_bytes / _GIB:8.3f} GiB',
-        'parameter shardings (path, shape, spec over (data, fsdp, tensor), per device):',
+        f'  arguments         {c.argument_bytes / _GIB:8.3f} GiB  (state + batch)',
+        f'  outputs           {c.output_bytes / _GIB:8.3f} GiB  '
+        f'({c.alias_bytes / _GIB:.3f} GiB written over donated inputs)',
+        f'  peak              {c.peak_bytes / _GIB:8.3f} GiB' + _of_capacity(
+            c.peak_bytes, self.hbm_bytes),
     ]
+    if c.flops is not None:
+      lines.append(f'  flops             {c.flops:.3e}  (compiler; model: '
+                   f'{self.model_flops / _devices(self.mesh):.3e})')
+    if c.estimated_seconds is not None:
+      mfu = self.mfu
+      lines.append(f'  estimated time    {1e3 * c.estimated_seconds:8.1f} ms  '
+                   + (f'(implies {100 * mfu:.0f}% MFU)' if mfu is not None else ''))
+    lines += c.format_collectives()
+    if self.decode is not None:
+      lines.append(self.decode.format(self.hbm_bytes))
+    lines.append('parameter shardings (path, shape, spec over (data, fsdp, tensor), per '
+                 'device):')
     width = max(len(p.path) for p in self.param_shardings)
     for p in self.param_shardings:
       lines.append(f'  {p.path:<{width}}  {str(p.shape):<20} {p.spec:<32} '
                    f'{p.shard_shape}')
     return '\n'.join(lines)
+
+
+def _devices(mesh: dict[str, int]) -> int:
+  n = 1
+  for size in mesh.values():
+    n *= size
+  return n
 
 
 def _shard_bytes(tree) -> int:
@@ -161,38 +279,43 @@ def batch_shape(config, mesh, length: int | None = None) -> tuple[int, int]:
 
 
 def run(config, *, devices: Sequence | None = None, vocab_size: int | None = None,
-        length: int | None = None, config_name: str = 'config') -> DryRunReport:
+        length: int | None = None, config_name: str = 'config',
+        compile_only: bool = False, decode: bool = False) -> DryRunReport:
   """Compiles ``train.TrainSetup``'s train step abstractly and measures it.
 
   Args:
     config: the experiment ConfigDict; ``config.mesh`` gives the mesh sizes.
-    devices: devices to build the mesh over (default: all of jax's devices).
+    devices: devices to build the mesh over (default: all of jax's devices), e.g.
+      ``topology.tpu_devices('v5e:2x4')``.
     vocab_size: V (default ``config.data.vocab_size``: no tokenizer is needed).
     length: bucket length L to compile for (default: the longest bucket).
     config_name: what the report calls the config.
+    compile_only: the devices can compile but not run (a TPU topology).
+    decode: also compile the beam search over one evaluation batch
+      (``config.data.eval_batch_size`` sentences of length L).
 
   Returns:
-    The per-device memory report. Nothing but the model's RNG keys is allocated.
+    The per-device report. Nothing but the model's RNG keys is allocated.
   """
   import jax
   import jax.numpy as jnp
+  from transformer_jax import flops
   from transformer_jax import sharding
+  from transformer_jax import topology
   from transformer_jax import train
 
   mesh = sharding.create_mesh(config.mesh, devices)
   vocab_size = int(vocab_size or config.data.vocab_size)
   b, length = batch_shape(config, mesh, length)
   sharding.check_divides(mesh, global_batch=b)
-  setup = train.TrainSetup.create(config, vocab_size, mesh)
+  setup = train.TrainSetup.create(config, vocab_size, mesh, compile_only=compile_only)
   keys = (('inputs', 'targets') if not config.data.packing else train.BATCH_KEYS)
   batch_spec = sharding.batch_sharding(mesh, 2)
   batch = {k: jax.ShapeDtypeStruct((b, length), jnp.int32, sharding=batch_spec)
            for k in keys}
   compiled = setup.compiled_train_step(batch)
-  mem = compiled.memory_analysis()
-  if mem is None:
-    raise RuntimeError(f'The {jax.default_backend()} backend gives no memory analysis.')
   state = setup.abstract_state
+  chip = topology.chip_spec(list(mesh.devices.flat))
   return DryRunReport(
       config_name=config_name,
       mesh=dict(mesh.shape),
@@ -202,13 +325,47 @@ def run(config, *, devices: Sequence | None = None, vocab_size: int | None = Non
       num_params=sum(x.size for x in jax.tree.leaves(state['params'])),
       params_bytes=_shard_bytes(state['params']),
       opt_state_bytes=_shard_bytes(state['opt_state']),
-      argument_bytes=mem.argument_size_in_bytes,
-      output_bytes=mem.output_size_in_bytes,
-      alias_bytes=mem.alias_size_in_bytes,
-      temp_bytes=mem.temp_size_in_bytes,
-      code_bytes=mem.generated_code_size_in_bytes,
+      cost=CompiledCost.of(compiled),
       param_shardings=_param_shardings(state['params']),
+      model_flops=flops.train_flops(setup.model_cfg, b, length, length),
+      hbm_bytes=chip.hbm_bytes if chip else None,
+      peak_flops=chip.peak_flops if chip else None,
+      decode=_compile_decode(config, setup, length) if decode else None,
   )
+
+
+def _compile_decode(config, setup, length: int) -> DecodeReport:
+  """Compiles the beam search the evaluation runs, for a [B, L] source batch."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from transformer_jax import decode as decode_lib
+  from transformer_jax import model as model_lib
+  from transformer_jax import sharding
+
+  mesh, rules, cfg = setup.mesh, setup.rules, setup.model_cfg
+  shards = sharding.batch_divisor(mesh)
+  b = -(-int(config.data.eval_batch_size) // shards) * shards  # Decoder pads so.
+  abstract_model = nnx.eval_shape(
+      lambda: model_lib.Transformer(cfg, rngs=nnx.Rngs(params=0, dropout=0)))
+  graphdef, state = nnx.split(abstract_model)
+  leaves, treedef = jax.tree.flatten(state)  # Shardings: one per Variable.
+  state = treedef.unflatten([
+      jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) for x, s in zip(
+          leaves, jax.tree.leaves(sharding.param_shardings(state, mesh, rules)))])
+  src = jax.ShapeDtypeStruct((b, length), jnp.int32,
+                             sharding=sharding.batch_sharding(mesh))
+  beam = int(config.eval.beam_size)
+  max_extra = int(config.eval.max_extra_length)
+  search = decode_lib._compiled_search(  # The very function Decoder jits.
+      graphdef, beam, float(config.eval.length_penalty), max_extra, cfg.bos_id,
+      cfg.pad_id)
+  max_decode_len = length + max_extra
+  if cfg.positions == 'learned':
+    max_decode_len = min(max_decode_len, cfg.max_len)
+  with jax.set_mesh(mesh), sharding.logical_rules(rules):
+    compiled = search.lower(state, src, max_decode_len=max_decode_len).compile()
+  return DecodeReport((b, length), beam, max_decode_len, CompiledCost.of(compiled))
 
 
 def _mesh_sizes(text: str) -> tuple[int, int, int]:
@@ -236,17 +393,38 @@ def main(argv: Sequence[str]) -> None:
       'config.mesh.')
   length_flag = flags.DEFINE_integer(
       'length', None, 'Bucket length L of the batch; default: the longest bucket.')
+  topology_flag = flags.DEFINE_string(
+      'topology', None, 'TPU slice to compile for with the real TPU compiler (needs '
+      'libtpu), e.g. v5e:4x4, v5e-16, v4-8, v5p-32, v6e-8.')
+  decode_flag = flags.DEFINE_bool(
+      'decode', None, 'Also compile the beam-search decode of one evaluation batch; '
+      'default: with --topology only.')
   flags.mark_flag_as_required('config')
 
   def run_main(_):
+    if num_devices.value and topology_flag.value:
+      raise app.UsageError('--num_devices (fake CPU devices) and --topology (TPU) '
+                           'exclude each other.')
     if num_devices.value:
       use_fake_cpu_devices(num_devices.value)
+    devices = None
+    if topology_flag.value:
+      from transformer_jax import topology
+      try:
+        devices = topology.tpu_devices(topology_flag.value)
+      except (RuntimeError, ValueError) as e:
+        raise app.UsageError(str(e)) from None
     config = config_flag.value
     if mesh_flag.value:
       config.mesh.data, config.mesh.fsdp, config.mesh.tensor = _mesh_sizes(
           mesh_flag.value)
-    report = run(config, length=length_flag.value,
-                 config_name=config_flags.get_config_filename(flags.FLAGS['config']))
+    decode = decode_flag.value if decode_flag.value is not None else bool(devices)
+    try:
+      report = run(config, devices=devices, length=length_flag.value,
+                   config_name=config_flags.get_config_filename(flags.FLAGS['config']),
+                   compile_only=devices is not None, decode=decode)
+    except ValueError as e:  # Mesh and batch that do not divide: one line.
+      raise app.UsageError(str(e)) from None
     print(report.format())
 
   app.run(run_main, argv)

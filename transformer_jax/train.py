@@ -99,7 +99,11 @@ class TrainSetup:
   _compiled: dict = dataclasses.field(default_factory=dict)
 
   @classmethod
-  def create(cls, config, vocab_size: int, mesh: jax.sharding.Mesh) -> 'TrainSetup':
+  def create(cls, config, vocab_size: int, mesh: jax.sharding.Mesh, *,
+             compile_only: bool = False) -> 'TrainSetup':
+    """Builds the setup; ``compile_only``: the mesh's devices can compile but not run
+    (a TPU topology description in ``dry_run``), so the RNG-stream state the step
+    closes over is made on the host instead of on the mesh."""
     model_cfg = model_lib.TransformerConfig.from_config(config.model, vocab_size)
     sharding.check_divides(mesh, num_heads=model_cfg.num_heads, vocab_size=vocab_size,
                            d_ff=model_cfg.d_ff)
@@ -120,7 +124,8 @@ class TrainSetup:
         'step': replicated,
     }
     del abstract_rest
-    rest = _init_rest(model_cfg, config.seed, replicated)
+    rest = _init_rest(model_cfg, config.seed, jax.sharding.SingleDeviceSharding(
+        jax.devices('cpu')[0]) if compile_only else replicated)
     return cls(config=config, model_cfg=model_cfg, mesh=mesh, rules=rules,
                graphdef=graphdef, rest=rest, tx=tx, state_shardings=shardings,
                abstract_state=checkpoint_lib.with_shardings(abstract, shardings))
