@@ -176,3 +176,13 @@ def check_divides(mesh: Mesh, *, global_batch: int | None = None,
   if problems:
     raise ValueError(f'Mesh {dict(mesh.shape)} does not fit the model/batch: '
                      + '; '.join(problems) + '.')
+
+
+def active_spec(logical_axes: Sequence[str | None]) -> PartitionSpec | None:
+  """The PartitionSpec ``constrain`` would use, or None outside rules and a mesh
+  (for code that must place work by hand, like a Pallas kernel under shard_map)."""
+  rules = _ACTIVE_RULES.get()
+  if rules is None or jax.sharding.get_abstract_mesh().empty:
+    return None
+  spec = logical_to_mesh_spec(logical_axes, rules)
+  return PartitionSpec(*spec, *([None] * (len(logical_axes) - len(spec))))
