@@ -109,6 +109,30 @@ def test_label_smoothed_loss_equals_hand_computation():
   assert float(plain) == pytest.approx(expected_nll, rel=1e-6)
 
 
+def test_label_smoothed_loss_and_gradient_equal_optax_one_hot_form():
+  # The one-pass form against optax's smoothed one-hot cross-entropy, values and
+  # gradients, on logits large enough that a naive exp would overflow.
+  rng = np.random.RandomState(0)
+  logits = jnp.asarray(rng.randn(3, 5, 50) * 30, jnp.float32)  # [B, T, V]
+  targets = jnp.asarray(rng.randint(1, 50, (3, 5)), jnp.int32).at[:, 3:].set(0)
+
+  def reference(z):
+    weights = (targets != 0).astype(jnp.float32)
+    soft = optax.smooth_labels(jax.nn.one_hot(targets, 50), 0.1)
+    loss = optax.softmax_cross_entropy(z, soft)
+    nll = optax.softmax_cross_entropy_with_integer_labels(z, targets)
+    return jnp.sum(loss * weights), jnp.sum(nll * weights)
+
+  loss_sum, nll_sum, _ = optim.label_smoothed_loss(logits, targets, 0.1)
+  expected_loss, expected_nll = reference(logits)
+  assert float(loss_sum) == pytest.approx(float(expected_loss), rel=1e-6)
+  assert float(nll_sum) == pytest.approx(float(expected_nll), rel=1e-6)
+  grad = jax.grad(lambda z: optim.label_smoothed_loss(z, targets, 0.1)[0])(logits)
+  expected_grad = jax.grad(lambda z: reference(z)[0])(logits)
+  np.testing.assert_allclose(grad, expected_grad, rtol=1e-5, atol=1e-6)
+  assert float(jnp.abs(grad[:, 3:]).max()) == 0.0  # Padding gets no gradient.
+
+
 def test_entropy_constant_is_the_loss_floor():
   vocab, eps = 7, 0.1
   q = np.full(vocab, eps / vocab)

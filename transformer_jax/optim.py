@@ -104,10 +104,18 @@ def label_smoothed_loss(logits: jax.Array, targets: jax.Array,
   vocab_size = logits.shape[-1]
   weights = (targets != pad_id).astype(jnp.float32)  # [B, T]
   logits = logits.astype(jnp.float32)
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # [B, T]
+  # Both losses from one logsumexp over V, without a [B, T, V] one-hot: with
+  # soft = (1 - eps) * one_hot + eps / V (optax.smooth_labels),
+  #   -sum_v soft_v * log_softmax(z)_v = lse - (1 - eps) * z_target - eps / V * sum_v z_v
+  # and nll = lse - z_target. Equal to optax's softmax_cross_entropy up to float
+  # rounding; the [B, T, V] passes (one-hot, two log-softmaxes and their
+  # gradients) were most of the loss's cost on CPU.
+  lse = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  nll = lse - target_logit  # [B, T]
   if label_smoothing > 0:
-    soft = optax.smooth_labels(jax.nn.one_hot(targets, vocab_size), label_smoothing)
-    loss = optax.softmax_cross_entropy(logits, soft)  # [B, T]
+    mean_logit = jnp.mean(logits, axis=-1)  # [B, T]
+    loss = lse - (1.0 - label_smoothing) * target_logit - label_smoothing * mean_logit
   else:
     loss = nll
   return (jnp.sum(loss * weights), jnp.sum(nll * weights), jnp.sum(weights))
