@@ -83,6 +83,10 @@ def get_config(arg=None):
   t.bleu_every_steps = 0  # Dev/test BLEU with beam search; 0 = only at the end, -1 never.
   t.eval_max_batches = 0  # 0 = the whole dev split.
   t.bleu_max_sentences = 0  # 0 = the whole split.
+  # Training time budget in minutes from the start of main (vocabulary, data and
+  # compiles included); when reached the loop saves and the final averaging and BLEU
+  # run as at num_steps. 0 = none. A resumed run starts a new budget.
+  t.max_minutes = 0.0
   t.profile = False
   # MFU denominator (dense bf16 TFLOP/s per device); None = look up the device kind.
   t.peak_tflops_per_device = config_dict.placeholder(float)

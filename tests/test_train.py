@@ -10,6 +10,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 
 import jax
@@ -354,3 +355,37 @@ def test_final_bleu_params_average_the_last_checkpoints(runs, shared_data):
   assert train._final_params(setup, params, config, full_dir) is params
   config.eval.average_last = len(steps) + 1  # Too few checkpoints: the latest.
   assert train._final_params(setup, params, config, full_dir) is params
+
+
+def test_time_budget_stops_saves_averages_and_evaluates(runs, shared_data, tmp_path,
+                                                          monkeypatch):
+  # A resumed run with a budget already spent: one step past the restored step 6,
+  # then it saves, averages the last 2 checkpoints and runs the final BLEU.
+  _, _, resumed_dir, _, _ = runs
+  workdir = str(tmp_path / 'budget')
+  shutil.copytree(resumed_dir, workdir)
+  config = _text_config(shared_data, num_steps=1000, max_minutes=1e-6,
+                        eval_every_steps=0, bleu_every_steps=0)
+  with open(os.path.join(resumed_dir, 'config.json')) as f:
+    config.data.vocab_path = json.load(f)['data']['vocab_path']
+  config.eval.average_last = 2
+  calls = []
+
+  def fake_bleu(setup, params, tokenizer, eval_sets, config, workdir, step, writer):
+    calls.append((jax.device_get(params), step))
+    return {'validation/sacrebleu': 0.0}
+
+  monkeypatch.setattr(train, '_bleu', fake_bleu)
+  result = train.train_and_evaluate(config, workdir)
+  assert result['step'] == 7 and result['out_of_time']
+  assert sorted(result['train_loss']) == [7]
+  steps = checkpoint_lib.TrainCheckpointer(workdir, config.checkpoint,
+                                           read_only=True).all_steps()
+  assert steps[-2:] == [6, 7]
+  assert len(calls) == 1 and calls[0][1] == 7 and result['bleu']
+  each = [_named_leaves(jax.device_get(checkpoint_lib.restore_params(workdir, step=s)[0]))
+          for s in (6, 7)]
+  averaged = _named_leaves(calls[0][0])
+  for name in averaged:
+    np.testing.assert_allclose(averaged[name], (each[0][name] + each[1][name]) / 2,
+                               rtol=1e-5, atol=1e-7, err_msg=name)

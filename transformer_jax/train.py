@@ -400,6 +400,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     'state': the final train state, 'setup': the TrainSetup}``; the per-step
     losses are those of this invocation (steps count micro-batches).
   """
+  start_time = time.time()
   workdir = os.path.abspath(workdir)
   write_config(config, workdir)
   mesh = sharding.create_mesh(config.mesh)
@@ -443,6 +444,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   window_start, window_flops = time.time(), 0.0
   skip_tokens = step
   profiler = _Profiler(workdir) if config.train.profile else None
+  max_minutes = float(config.train.get('max_minutes', 0.0) or 0.0)
+  out_of_time = False
   try:
     while step < total_steps:
       local = next(train_iter)
@@ -464,6 +467,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
         profiler(step - skip_tokens, step)
 
       stop = preemption.requested or ckpt.reached_preemption(step)
+      if (max_minutes and not stop and step < total_steps
+          and (jax.process_count() == 1 or step % log_every == 0)):
+        # Several processes compare clocks only at log steps (one all-gather).
+        out_of_time = _agree(time.time() - start_time >= 60 * max_minutes)
+        stop = out_of_time
       if step % log_every == 0 or step == total_steps or stop:
         fetched = jax.device_get([p[1] for p in pending])
         for (i, _), m in zip(pending, fetched):
@@ -514,6 +522,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
         ckpt.save(step, state['params'], state['opt_state'], train_iter.get_state(),
                   meta, force=True)
         logging.info('Saving checkpoint for step %d.', step)
+      if out_of_time:
+        logging.info('Time budget of train.max_minutes=%g reached at step %d (%.1f '
+                     'minutes): saved; the final BLEU follows.', max_minutes, step,
+                     (time.time() - start_time) / 60)
+        break
       if stop:
         logging.warning('Stopped at step %d after a preemption request.', step)
         break
@@ -526,13 +539,23 @@ def train_and_evaluate(config, workdir: str) -> dict:
     ckpt.close()
 
   bleu = {}
-  if step >= total_steps and eval_sets and config.train.bleu_every_steps >= 0:
+  if ((step >= total_steps or out_of_time) and eval_sets
+      and config.train.bleu_every_steps >= 0):
     bleu = _bleu(setup, _final_params(setup, state['params'], config, workdir), tokenizer,
                  eval_sets, config, workdir, step, writer)
   if writer is not None:
     writer.close()
   return {'step': step, 'train_loss': history, 'eval': eval_metrics, 'bleu': bleu,
-          'state': state, 'setup': setup}
+          'state': state, 'setup': setup, 'out_of_time': out_of_time,
+          'minutes': (time.time() - start_time) / 60}
+
+
+def _agree(flag: bool) -> bool:
+  """Whether any process says ``flag``: every process stops at the same step."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
 
 
 def _check_same_shapes(local: Batch, step: int) -> None:
