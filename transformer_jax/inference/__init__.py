@@ -1,0 +1,1 @@
+"""Decoding and serving: search, the Translator API, BLEU, export."""
