@@ -9,9 +9,9 @@ compiling and warming up. Shapes:
 * tiny: d_model 128, 2+2 layers, d_ff 512, 4 heads, vocab 8000, batch 32 x 64;
 * base: the paper's base model (Table 3) with vocab 32000, batch 8 x 256.
 
-Reference: the Flax WMT example's train step on the same shapes and this 2-core
-CPU (fp32, one device) does about 4,000 (tiny) and 210 (base) target tokens/s;
-the script prints our ratio to those figures. MFU is against the FLOP/s this
+The shapes are those of the Flax WMT example's train step; its code is not part of
+this repository, so compare with it only side by side on one machine (README,
+Speed), never against its figure from another machine or load. MFU is against the FLOP/s this
 device reaches on a large float32 matmul (measured here first), since CPUs have
 no fixed peak; on accelerators the device's bf16 peak from flops.PEAK_FLOPS.
 """
@@ -32,10 +32,10 @@ from configs import default  # noqa: E402
 from transformer_jax import flops, sharding, train  # noqa: E402
 
 SHAPES = {
-    # name: (model overrides, vocab, batch, length, Flax example target tokens/s)
+    # name: (model overrides, vocab, batch, length)
     'tiny': (dict(d_model=128, num_encoder_layers=2, num_decoder_layers=2, d_ff=512,
-                  num_heads=4), 8000, 32, 64, 4000.0),
-    'base': (dict(), 32000, 8, 256, 210.0),
+                  num_heads=4), 8000, 32, 64),
+    'base': (dict(), 32000, 8, 256),
 }
 
 _SHAPES = flags.DEFINE_list('shapes', ['tiny', 'base'], 'Which shapes to time.')
@@ -67,7 +67,7 @@ def matmul_peak_flops(n: int = 2048, reps: int = 10) -> float:
 
 def bench(shape: str, dtype: str, steps: int, warmup: int, peak: float,
           repeats: int = 1) -> dict:
-  overrides, vocab, batch, length, flax_rate = SHAPES[shape]
+  overrides, vocab, batch, length = SHAPES[shape]
   config = default.get_config()
   config.model.update(overrides)
   config.model.dtype = dtype
@@ -108,7 +108,7 @@ def bench(shape: str, dtype: str, steps: int, warmup: int, peak: float,
       'step_mem_mib': (mem.argument_size_in_bytes + mem.temp_size_in_bytes +
                        mem.output_size_in_bytes - mem.alias_size_in_bytes) / 2**20
       if mem else float('nan'),
-      'vs_flax': tokens_s / flax_rate, 'loss': float(sums['loss_sum'] / sums['tokens']),
+      'loss': float(sums['loss_sum'] / sums['tokens']),
   }
 
 
@@ -127,7 +127,7 @@ def main(argv):
         f'"CPU ms" this process\'s CPU time per step over all threads).')
   header = (f'{"shape":6} {"dtype":9} {"step ms":>9} {"median":>9} {"CPU ms":>9} '
             f'{"tgt tok/s":>10} '
-            f'{"MFU":>6} {"step mem MiB":>12} {"compile s":>9} {"vs Flax WMT":>11}')
+            f'{"MFU":>6} {"step mem MiB":>12} {"compile s":>9}')
   print(header)
   for shape in _SHAPES.value:
     for dtype in _DTYPES.value:
@@ -136,8 +136,8 @@ def main(argv):
       print(f'{r["shape"]:6} {r["dtype"]:9} {r["step_ms"]:9.1f} {r["median_ms"]:9.1f} '
             f'{r["cpu_ms"]:9.1f} '
             f'{r["tokens_s"]:10,.0f} '
-            f'{100 * r["mfu"]:5.1f}% {r["step_mem_mib"]:12.1f} {r["compile_s"]:9.1f} '
-            f'{r["vs_flax"]:10.2f}x', flush=True)
+            f'{100 * r["mfu"]:5.1f}% {r["step_mem_mib"]:12.1f} {r["compile_s"]:9.1f}',
+            flush=True)
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   print(f'Peak resident memory of this process: {rss:,.0f} MiB. Load average after: '
         f'{os.getloadavg()[0]:.2f}.')

@@ -88,12 +88,12 @@ def test_rerun_resumes_from_the_last_checkpoint(trained):
 
 def test_final_bleu_on_test_split(trained):
   workdir, _, _ = trained
-  with open(os.path.join(workdir, 'eval', 'test.json')) as f:
+  with open(os.path.join(workdir, 'eval', 'test-step200.json')) as f:
     result = json.load(f)
   assert result['step'] == 200 and result['num_sentences'] == EVAL_LINES
   assert 0.0 <= result['sacrebleu'] <= 100.0 and 0.0 <= result['tok_bleu'] <= 100.0
   assert result['sacrebleu_signature'].startswith('nrefs:1|case:mixed')
-  with open(os.path.join(workdir, 'eval', 'test.hyp.txt'), encoding='utf-8') as f:
+  with open(os.path.join(workdir, 'eval', 'test-step200.hyp.txt'), encoding='utf-8') as f:
     assert len(f.read().splitlines()) == EVAL_LINES
 
 

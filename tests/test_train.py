@@ -371,8 +371,9 @@ def test_time_budget_stops_saves_averages_and_evaluates(runs, shared_data, tmp_p
   config.eval.average_last = 2
   calls = []
 
-  def fake_bleu(setup, params, tokenizer, eval_sets, config, workdir, step, writer):
-    calls.append((jax.device_get(params), step))
+  def fake_bleu(setup, params, tokenizer, eval_sets, config, workdir, step, writer,
+                averaged_steps=None):
+    calls.append((jax.device_get(params), step, averaged_steps))
     return {'validation/sacrebleu': 0.0}
 
   monkeypatch.setattr(train, '_bleu', fake_bleu)
@@ -382,7 +383,7 @@ def test_time_budget_stops_saves_averages_and_evaluates(runs, shared_data, tmp_p
   steps = checkpoint_lib.TrainCheckpointer(workdir, config.checkpoint,
                                            read_only=True).all_steps()
   assert steps[-2:] == [6, 7]
-  assert len(calls) == 1 and calls[0][1] == 7 and result['bleu']
+  assert len(calls) == 1 and calls[0][1:] == (7, [6, 7]) and result['bleu']
   each = [_named_leaves(jax.device_get(checkpoint_lib.restore_params(workdir, step=s)[0]))
           for s in (6, 7)]
   averaged = _named_leaves(calls[0][0])

@@ -193,9 +193,9 @@ def test_evaluate_bleu_writes_hypotheses_and_json(workdir, tmp_path):
                                    references=references)
   results = evaluate.evaluate_bleu(translator.model, translator.tokenizer, eval_set,
                                    workdir.config, workdir=str(tmp_path), step=500)
-  hyps = (tmp_path / 'eval' / 'validation.hyp.txt').read_text().splitlines()
+  hyps = (tmp_path / 'eval' / 'validation-step500.hyp.txt').read_text().splitlines()
   assert hyps == SENTENCES
-  saved = json.loads((tmp_path / 'eval' / 'validation.json').read_text())
+  saved = json.loads((tmp_path / 'eval' / 'validation-step500.json').read_text())
   import sacrebleu
   assert saved['sacrebleu'] == pytest.approx(
       sacrebleu.corpus_bleu(SENTENCES, [references]).score)
@@ -208,6 +208,19 @@ def test_evaluate_bleu_writes_hypotheses_and_json(workdir, tmp_path):
   assert results == saved
 
 
+def test_result_files_are_named_by_split_step_averaging_and_search(workdir):
+  config = workdir.config  # beam 2, alpha 0.6.
+  name = evaluate.result_name
+  assert name('test', {'step': 2000, 'beam_size': 2, 'length_penalty': 0.6},
+              config) == 'test-step2000'
+  assert name('validation', {'step': 2000, 'averaged_steps': [1100, 1200, 1300]},
+              config) == 'validation-step2000-avg3'
+  assert name('test', {'step': 5, 'average_last': 10}, config) == 'test-step5-avg10'
+  assert name('test', {'step': 5, 'average_last': 1, 'beam_size': 5,
+                       'length_penalty': 1.0}, config) == 'test-step5-beam5-alpha1'
+  assert name('test', {'step': None}) == 'test'
+
+
 def test_evaluate_cli_on_text_files(workdir, tmp_path):
   src, ref = tmp_path / 'src.txt', tmp_path / 'ref.txt'
   src.write_text('\n'.join(SENTENCES) + '\n')
@@ -215,7 +228,7 @@ def test_evaluate_cli_on_text_files(workdir, tmp_path):
   result = _cli('evaluate', f'--workdir={workdir.path}', '--average_last=1',
                 f'--source_file={src}', f'--reference_file={ref}', '--split=test')
   assert result.returncode == 0, result.stderr[-3000:]
-  saved = json.loads(pathlib.Path(workdir.path, 'eval', 'test.json').read_text())
+  saved = json.loads(pathlib.Path(workdir.path, 'eval', 'test-step500.json').read_text())
   assert saved['sacrebleu'] == pytest.approx(100.0)
   assert saved['tok_bleu'] == pytest.approx(100.0)
   assert saved['step'] == 500 and saved['num_sentences'] == 5
@@ -238,6 +251,6 @@ def test_evaluate_bleu_with_mesh_sharded_params_splits_the_batch(workdir, tmp_pa
   eval_set = types.SimpleNamespace(name='test', sources=SENTENCES, references=SENTENCES)
   results = evaluate.evaluate_bleu(model, translator.tokenizer, eval_set, config,
                                    workdir=str(tmp_path), step=7)
-  hyps = (tmp_path / 'eval' / 'test.hyp.txt').read_text().splitlines()
+  hyps = (tmp_path / 'eval' / 'test-step7.hyp.txt').read_text().splitlines()
   assert hyps == translate.translate_lines(translator, SENTENCES, progress=False)
   assert results['sacrebleu'] == pytest.approx(100.0) and results['step'] == 7

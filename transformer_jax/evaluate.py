@@ -7,9 +7,12 @@ translates the split named by the workdir's config (``validation`` =
 ``config.data.eval_split``, newstest2013 for WMT14; ``test`` = ``test_split``,
 newstest2014) or the given text files with beam search (Sec 6.1), and writes
 
-  DIR/eval/<split>.hyp.txt   the translations, one a line, in corpus order
-  DIR/eval/<split>.json      {'sacrebleu', 'sacrebleu_signature', 'tok_bleu', 'lc_tok_bleu',
+  DIR/eval/<name>.hyp.txt    the translations, one a line, in corpus order
+  DIR/eval/<name>.json       {'sacrebleu', 'sacrebleu_signature', 'tok_bleu', 'lc_tok_bleu',
                               'num_sentences', 'step', ...}
+
+one pair of files per (split, step, averaging, search): ``<name>`` is e.g.
+``test-step2000-avg10`` (see :func:`result_name`).
 
 ``tok_bleu`` is the paper's tokenized, compound-split BLEU; ``sacrebleu`` the
 detokenized figure people compare today; ``lc_tok_bleu`` the lower-cased,
@@ -36,18 +39,41 @@ from transformer_jax import translate
 EVAL_DIR = 'eval'
 
 
-def write_results(workdir: str, split: str, hypotheses: Sequence[str],
+def result_name(split: str, results: dict, config=None) -> str:
+  """The file stem of one evaluation: split, step and what was decoded.
+
+  ``test-step2000``, ``validation-step2000-avg10`` (the average of 10 checkpoints),
+  and ``-beam{K}`` / ``-alpha{A}`` when the search differs from ``config.eval``'s, so
+  evaluating other checkpoints or searches never overwrites an earlier result.
+  """
+  name = split if results.get('step') is None else f'{split}-step{results["step"]}'
+  averaged = results.get('averaged_steps') or []
+  k = len(averaged) if averaged else int(results.get('average_last') or 1)
+  if k > 1:
+    name += f'-avg{k}'
+  e = config.eval if config is not None else None
+  if e is not None and results.get('beam_size', e.beam_size) != e.beam_size:
+    name += f'-beam{results["beam_size"]}'
+  if e is not None and results.get('length_penalty', e.length_penalty) != e.length_penalty:
+    name += f'-alpha{results["length_penalty"]:g}'
+  return name
+
+
+def write_results(workdir: str, name: str, hypotheses: Sequence[str],
                   results: dict) -> str:
-  """Writes DIR/eval/<split>.hyp.txt and DIR/eval/<split>.json atomically.
+  """Writes DIR/eval/<name>.hyp.txt and DIR/eval/<name>.json atomically.
+
+  Args:
+    name: the file stem, ``result_name(...)``.
 
   Returns:
     The path of the JSON file.
   """
   folder = os.path.join(workdir, EVAL_DIR)
   os.makedirs(folder, exist_ok=True)
-  for name, text in ((f'{split}.hyp.txt', ''.join(h + '\n' for h in hypotheses)),
-                     (f'{split}.json', json.dumps(results, indent=2) + '\n')):
-    path = os.path.join(folder, name)
+  for filename, text in ((f'{name}.hyp.txt', ''.join(h + '\n' for h in hypotheses)),
+                         (f'{name}.json', json.dumps(results, indent=2) + '\n')):
+    path = os.path.join(folder, filename)
     with open(path + '.tmp', 'w', encoding='utf-8') as f:
       f.write(text)
     os.replace(path + '.tmp', path)
@@ -89,7 +115,8 @@ def evaluate_translator(translator: translate.Translator, sources: Sequence[str]
                  max_extra_length=decoder.max_extra_len, decode_seconds=seconds,
                  **(extra or {}))
   if workdir is not None and jax.process_index() == 0:
-    path = write_results(workdir, split, hypotheses, results)
+    path = write_results(workdir, result_name(split, results, translator.config),
+                         hypotheses, results)
     logging.info('%s: sacreBLEU %.2f, tokenized BLEU %.2f, lower-cased tokenized BLEU '
                  '%.2f on %d sentences -> %s', split, results['sacrebleu'],
                  results['tok_bleu'], results['lc_tok_bleu'], len(sources), path)
@@ -111,7 +138,8 @@ def _params_mesh(model):
 
 def evaluate_bleu(model, tokenizer, eval_set, config, *, workdir: str | None = None,
                   step: int | None = None, split: str | None = None,
-                  max_sentences: int | None = None, progress: bool = False) -> dict:
+                  max_sentences: int | None = None, progress: bool = False,
+                  extra: dict | None = None) -> dict:
   """BLEU of ``model`` on an evaluation set, with ``config.eval``'s beam search.
 
   Args:
@@ -127,6 +155,8 @@ def evaluate_bleu(model, tokenizer, eval_set, config, *, workdir: str | None = N
     step: the training step, recorded in the results.
     split: the split's name (default ``eval_set.name``).
     max_sentences: score only the first N sentences.
+    extra: entries that join the results (``averaged_steps``: the checkpoints
+      the parameters average, which also name the result files).
 
   Returns:
     {'sacrebleu', 'tok_bleu', 'num_sentences', 'step', 'sacrebleu_signature', ...}.
@@ -142,7 +172,7 @@ def evaluate_bleu(model, tokenizer, eval_set, config, *, workdir: str | None = N
   translator = translate.Translator(model, tokenizer, config, decoder, step)
   return evaluate_translator(translator, list(eval_set.sources[:n]),
                              list(eval_set.references[:n]), split=split,
-                             workdir=workdir, step=step, progress=progress)
+                             workdir=workdir, step=step, progress=progress, extra=extra)
 
 
 def _read_pairs(source_file: str, reference_file: str) -> tuple[list[str], list[str]]:

@@ -318,8 +318,12 @@ def evaluate_loss(setup: TrainSetup, params, eval_set, batch_size: int,
           'tokens': totals['tokens']}
 
 
-def _bleu(setup, params, tokenizer, eval_sets, config, workdir, step, writer):
-  """Dev/test BLEU through transformer_jax.evaluate (beam search, Sec 6.1)."""
+def _bleu(setup, params, tokenizer, eval_sets, config, workdir, step, writer,
+          averaged_steps=None):
+  """Dev/test BLEU through transformer_jax.evaluate (beam search, Sec 6.1).
+
+  ``averaged_steps``: the checkpoints ``params`` average, recorded in the results.
+  """
   try:
     from transformer_jax import evaluate as evaluate_lib
   except ImportError:
@@ -336,7 +340,8 @@ def _bleu(setup, params, tokenizer, eval_sets, config, workdir, step, writer):
   for split, eval_set in eval_sets.items():
     scores = evaluate_lib.evaluate_bleu(
         model, tokenizer, eval_set, config, workdir=workdir, step=step, split=split,
-        max_sentences=config.train.bleu_max_sentences or None)
+        max_sentences=config.train.bleu_max_sentences or None,
+        extra={'averaged_steps': averaged_steps} if averaged_steps else None)
     for name in ('sacrebleu', 'tok_bleu', 'lc_tok_bleu'):
       if name in scores:
         results[f'{split}/{name}'] = float(scores[name])
@@ -353,19 +358,26 @@ def _final_params(setup: TrainSetup, params, config, workdir: str):
   Sec 6.1 decodes with the average of the last ``config.eval.average_last``
   checkpoints; with fewer checkpoints saved than that, the latest parameters.
   """
+  steps = _averaged_steps(config, workdir)
+  if steps is None:
+    logging.info('Final BLEU with the latest parameters (eval.average_last=%s).',
+                 config.eval.average_last)
+    return params
+  averaged, _, _, _ = checkpoint_lib.restore_params(workdir, average_last=len(steps),
+                                                    mesh=setup.mesh)
+  logging.info('Final BLEU with the average of checkpoints %s (Sec 6.1).', steps)
+  return averaged
+
+
+def _averaged_steps(config, workdir: str) -> list[int] | None:
+  """The last ``eval.average_last`` checkpoints the final BLEU averages; None (the
+  latest parameters) for 1 or when fewer checkpoints were saved."""
   k = int(config.eval.average_last or 1)
   if k <= 1:
-    return params
+    return None
   steps = checkpoint_lib.TrainCheckpointer(
       workdir, config.checkpoint, read_only=True).all_steps()
-  if len(steps) < k:
-    logging.info('Final BLEU with the latest parameters: %d checkpoints saved, '
-                 'fewer than eval.average_last=%d.', len(steps), k)
-    return params
-  averaged, _, _, _ = checkpoint_lib.restore_params(workdir, average_last=k,
-                                                    mesh=setup.mesh)
-  logging.info('Final BLEU with the average of checkpoints %s (Sec 6.1).', steps[-k:])
-  return averaged
+  return list(steps[-k:]) if len(steps) >= k else None
 
 
 def write_config(config, workdir: str) -> None:
@@ -542,7 +554,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if ((step >= total_steps or out_of_time) and eval_sets
       and config.train.bleu_every_steps >= 0):
     bleu = _bleu(setup, _final_params(setup, state['params'], config, workdir), tokenizer,
-                 eval_sets, config, workdir, step, writer)
+                 eval_sets, config, workdir, step, writer,
+                 averaged_steps=_averaged_steps(config, workdir))
   if writer is not None:
     writer.close()
   return {'step': step, 'train_loss': history, 'eval': eval_metrics, 'bleu': bleu,
