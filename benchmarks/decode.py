@@ -23,8 +23,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from transformer_jax import decode
 from transformer_jax import model as model_lib
+from transformer_jax.inference import search
 
 FLAX_WMT_BEAM4_SENTENCES_PER_S = 45.0
 
@@ -63,7 +63,7 @@ def main():
   rng = np.random.RandomState(0)
   # Source ids avoid pad/eos/bos/unk; every row is a full 32-token sentence.
   src = rng.randint(4, cfg.vocab_size, (args.batch, args.src_len)).astype(np.int32)
-  src[:, -1] = decode.EOS_ID
+  src[:, -1] = search.EOS_ID
   load = os.getloadavg()
   print(f'machine: {_machine()}, jax {jax.__version__}, backend {jax.default_backend()}')
   print(f'model: d_model 128, 2+2 layers, d_ff 512, 4 heads, vocab 8000; '
@@ -71,7 +71,7 @@ def main():
 
   searches = {}
   for name, beam in (('beam 4', 4), ('greedy', 1)):
-    decoder = decode.Decoder(model, beam_size=beam, alpha=0.6,
+    decoder = search.Decoder(model, beam_size=beam, alpha=0.6,
                              max_extra_len=args.steps - args.src_len)
     t0 = time.perf_counter()
     tokens, _ = decoder.search(src)  # Compiles.
@@ -85,8 +85,8 @@ def main():
   for name, (decoder, compile_s, tokens, times) in searches.items():
     best = tokens[:, 0]
     # Output tokens of the best hypotheses, up to and including EOS.
-    lengths = [(row.tolist().index(decode.EOS_ID) + 1) if decode.EOS_ID in row
-               else int(np.sum(row != decode.PAD_ID)) for row in best]
+    lengths = [(row.tolist().index(search.EOS_ID) + 1) if search.EOS_ID in row
+               else int(np.sum(row != search.PAD_ID)) for row in best]
     seconds = min(times)
     sent_s = args.batch / seconds
     line = (f'{name:7s}: {sent_s:8.1f} sentences/s  {sum(lengths) / seconds:9.1f} tokens/s'

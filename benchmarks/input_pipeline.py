@@ -17,7 +17,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from transformer_jax import input_pipeline
+from transformer_jax.data import pipeline as input_pipeline
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/multi30k.py', 'Run config.')
 _WORKDIR = flags.DEFINE_string('workdir', '/tmp/bench_input_pipeline',

@@ -46,7 +46,9 @@ from configs import multi30k  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from transformer_jax import optim, sharding, train  # noqa: E402
+from transformer_jax import sharding  # noqa: E402
+from transformer_jax.train import loop as train  # noqa: E402
+from transformer_jax.train import optim  # noqa: E402
 
 CONFIGS = {
     # The README's Multi30k config as it is, and the Transformer-Tiny shapes of

@@ -29,7 +29,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import default  # noqa: E402
-from transformer_jax import flops, sharding, train  # noqa: E402
+from transformer_jax import sharding  # noqa: E402
+from transformer_jax.train import flops  # noqa: E402
+from transformer_jax.train import loop as train  # noqa: E402
 
 SHAPES = {
     # name: (model overrides, vocab, batch, length)

@@ -26,8 +26,8 @@ import tempfile
 
 import numpy as np
 
-from transformer_jax import bleu
 from transformer_jax import translate
+from transformer_jax.inference import bleu
 from transformer_jax.inference import export
 
 

@@ -13,7 +13,7 @@ import tempfile
 import numpy as np
 import pytest
 
-from transformer_jax.attention_page import AttentionPage
+from transformer_jax.viz.attention_page import AttentionPage
 
 CHROMIUM = '/usr/bin/chromium'
 CHROMEDRIVER = '/usr/bin/chromedriver'

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import sacrebleu
 
-from transformer_jax import bleu
+from transformer_jax.inference import bleu
 
 
 def _multi_bleu_by_hand(hyps, refs):

@@ -1,4 +1,4 @@
-"""Tests for transformer_jax.checkpoint (orbax CheckpointManager) on 8 fake devices.
+"""Tests for transformer_jax.run.checkpoint (orbax CheckpointManager) on 8 fake devices.
 
 * Saved on 1 device, restored onto a (2, 2, 2) mesh (8 devices -> 1 is in
   test_train.py): equal values, the requested shardings.
@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from transformer_jax import checkpoint as checkpoint_lib
 from transformer_jax import sharding
-from transformer_jax import train
+from transformer_jax.run import checkpoint as checkpoint_lib
+from transformer_jax.train import loop as train
 
 VOCAB = 256
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -22,7 +22,7 @@ from flax import nnx
 
 from configs import table3
 from transformer_jax import model as model_lib
-from transformer_jax import optim
+from transformer_jax.train import optim
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO_ROOT / 'experiments' / 'colab_tpu.ipynb'

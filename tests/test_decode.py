@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from transformer_jax import decode
+from transformer_jax.inference import search
 
 EOS, BOS, PAD = 1, 2, 0
 
@@ -61,21 +61,21 @@ def _beam(step_fn, init_cache, src_lengths, beam_size, alpha, max_decode_len,
           max_extra_len):
   src_lengths = jnp.asarray(src_lengths, jnp.int32)
   return jax.jit(functools.partial(
-      decode.beam_search, step_fn, beam_size=beam_size, alpha=alpha,
+      search.beam_search, step_fn, beam_size=beam_size, alpha=alpha,
       max_decode_len=max_decode_len, max_extra_len=max_extra_len))(
           init_cache(src_lengths.shape[0] * beam_size), src_lengths)
 
 
 def test_length_penalty_formula():
-  assert float(decode.length_penalty(4, 0.6)) == pytest.approx((9 / 6) ** 0.6)
-  assert float(decode.length_penalty(1, 0.6)) == pytest.approx(1.0)
-  assert float(decode.length_penalty(37, 0.0)) == 1.0
-  np.testing.assert_allclose(decode.length_penalty(jnp.array([1, 7, 25]), 2.0),
+  assert float(search.length_penalty(4, 0.6)) == pytest.approx((9 / 6) ** 0.6)
+  assert float(search.length_penalty(1, 0.6)) == pytest.approx(1.0)
+  assert float(search.length_penalty(37, 0.0)) == 1.0
+  np.testing.assert_allclose(search.length_penalty(jnp.array([1, 7, 25]), 2.0),
                              [1.0, 4.0, 25.0], rtol=1e-6)
 
 
 def test_output_limits_input_plus_extra_capped():
-  limits = decode.output_limits(jnp.array([3, 10, 0, 40]), max_extra_len=5,
+  limits = search.output_limits(jnp.array([3, 10, 0, 40]), max_extra_len=5,
                                 max_decode_len=20)
   np.testing.assert_array_equal(limits, [8, 15, 1, 20])
 
@@ -129,7 +129,7 @@ def test_beam_beats_greedy_when_greedy_is_myopic():
 
   cache = lambda rows: {'index': jnp.array(0, jnp.int32),
                         'dummy': jnp.zeros((rows, 2))}
-  greedy = decode.greedy_search(step_fn, cache(1), jnp.array([5]),
+  greedy = search.greedy_search(step_fn, cache(1), jnp.array([5]),
                                 max_decode_len=6, max_extra_len=1)
   assert np.asarray(greedy[0]).tolist()[0] == 3
   tokens, _ = _beam(step_fn, cache, [5], 4, 0.6, max_decode_len=6, max_extra_len=1)
@@ -141,7 +141,7 @@ def test_beam_one_without_length_penalty_equals_greedy(seed):
   step_fn, init_cache, _, _ = _toy_scorer(seed, vocab=9, sharpness=1.5)
   src_lengths = jnp.array([2, 5, 9, 0], jnp.int32)
   greedy = jax.jit(functools.partial(
-      decode.greedy_search, step_fn, max_decode_len=12, max_extra_len=3))(
+      search.greedy_search, step_fn, max_decode_len=12, max_extra_len=3))(
           init_cache(4), src_lengths)
   tokens, _ = _beam(step_fn, init_cache, src_lengths, 1, 0.0,
                     max_decode_len=12, max_extra_len=3)
@@ -174,9 +174,9 @@ def test_early_stop_when_every_sentence_has_finished():
 
 
 def test_strip_eos():
-  assert decode.strip_eos([5, 6, PAD, 7, EOS, 8, PAD]) == [5, 6, 7]
-  assert decode.strip_eos([EOS, 4]) == []
-  assert decode.strip_eos(np.array([4, 4])) == [4, 4]
+  assert search.strip_eos([5, 6, PAD, 7, EOS, 8, PAD]) == [5, 6, 7]
+  assert search.strip_eos([EOS, 4]) == []
+  assert search.strip_eos(np.array([4, 4])) == [4, 4]
 
 
 # ----------------------------------------------------------------------------
@@ -221,7 +221,7 @@ def test_model_beam_scores_equal_teacher_forced_log_probs(tiny_model):
   # checks the encoder tiling, the cached cross-attention and the cache reorder.
   model, src = tiny_model
   alpha, extra = 0.6, 4
-  tokens, scores = decode.Decoder(model, beam_size=3, alpha=alpha,
+  tokens, scores = search.Decoder(model, beam_size=3, alpha=alpha,
                                   max_extra_len=extra).search(src)
   lengths = (src != 0).sum(1)
   assert tokens.shape == (3, 3, src.shape[1] + extra)
@@ -241,7 +241,7 @@ def test_model_greedy_equals_uncached_argmax_loop(tiny_model):
   from transformer_jax import model as model_lib
   model, src = tiny_model
   extra = 3
-  best = decode.Decoder(model, beam_size=1, max_extra_len=extra)(src)
+  best = search.Decoder(model, beam_size=1, max_extra_len=extra)(src)
   forward, max_len = _forward(model), src.shape[1] + extra
   for b, length in enumerate((src != 0).sum(1)):
     out = []
@@ -264,8 +264,8 @@ def test_model_search_sharded_over_the_batch_equals_single_device(tiny_model):
   mesh_cfg = ml_collections.ConfigDict(dict(data=4, fsdp=2, tensor=1, rules=(
       ('act_batch', ('data', 'fsdp')), ('embed', 'fsdp'))))
   mesh = sharding.create_mesh(mesh_cfg)
-  single = decode.Decoder(model, beam_size=2, max_extra_len=3).search(src)
-  sharded = decode.Decoder(model, beam_size=2, max_extra_len=3, mesh=mesh,
+  single = search.Decoder(model, beam_size=2, max_extra_len=3).search(src)
+  sharded = search.Decoder(model, beam_size=2, max_extra_len=3, mesh=mesh,
                            rules=sharding.rules_from_config(mesh_cfg)).search(src)
   np.testing.assert_array_equal(sharded[0], single[0])  # 3 rows padded to 8 inside.
   np.testing.assert_allclose(sharded[1], single[1], rtol=1e-5, atol=1e-5)
@@ -284,8 +284,8 @@ def test_beam_candidates_equal_log_softmax_top_k(vocab, k):
   logits = 4 * jax.random.normal(jax.random.key(vocab), (batch, k, vocab))
   alive_logp = -jnp.abs(jax.random.normal(jax.random.key(1), (batch, k))) * 3
   alive_logp = alive_logp.at[:, 1:].set(jnp.where(jnp.arange(batch)[:, None] == 0,
-                                                  decode.NEG_INF, alive_logp[:, 1:]))
-  candidates = jax.jit(decode.beam_candidates, static_argnums=2)
+                                                  search.NEG_INF, alive_logp[:, 1:]))
+  candidates = jax.jit(search.beam_candidates, static_argnums=2)
   values, indices = candidates(logits, alive_logp, n)
   expected_values, expected_indices = _reference_candidates(logits, alive_logp, n)
   np.testing.assert_allclose(values, expected_values, rtol=1e-6, atol=1e-5)
@@ -304,4 +304,4 @@ def test_beam_candidates_equal_log_softmax_top_k(vocab, k):
 
 def test_first_argmax_equals_argmax_with_ties():
   x = jnp.round(jax.random.normal(jax.random.key(0), (5, 8000)) * 2) / 2
-  np.testing.assert_array_equal(decode.first_argmax(x), jnp.argmax(x, axis=-1))
+  np.testing.assert_array_equal(search.first_argmax(x), jnp.argmax(x, axis=-1))

@@ -22,8 +22,8 @@ from PIL import Image
 import jax.numpy as jnp
 from flax import nnx
 
-from transformer_jax import attention_plots
 from transformer_jax import model as model_lib
+from transformer_jax.viz import attention_plots
 
 # Recomputing attention from the returned float32 weights differs from the model's own
 # jax.nn.dot_product_attention path only by float32 rounding (exactly 0 on this CPU;
@@ -180,9 +180,9 @@ def explore_workdir(shared_data, tmp_path_factory):
   """A workdir with config.json, a SentencePiece vocabulary trained on Multi30k and
   one checkpoint of a random learned-position model (max_len 24)."""
   from configs import tiny
-  from transformer_jax import checkpoint as checkpoint_lib
-  from transformer_jax import tokenizer as tokenizer_lib
-  from transformer_jax import train
+  from transformer_jax.run import checkpoint as checkpoint_lib
+  from transformer_jax.data import tokenizer as tokenizer_lib
+  from transformer_jax.train import loop as train
   workdir = str(tmp_path_factory.mktemp('explore_workdir'))
   config = tiny.get_config()
   config.model.positions = 'learned'

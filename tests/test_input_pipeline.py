@@ -1,4 +1,4 @@
-"""Tests for transformer_jax/input_pipeline.py and transformer_jax/datasets/.
+"""Tests for transformer_jax/data/pipeline.py and transformer_jax/data/datasets/.
 
 A synthetic line-aligned corpus (target = source words translated and reversed, so
 every pair is recognisable) drives the batching tests; TFDS WMT runs under
@@ -13,10 +13,10 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import default
-from transformer_jax import input_pipeline
-from transformer_jax import tokenizer as tokenizer_lib
-from transformer_jax.datasets import multi30k
-from transformer_jax.datasets import parallel_text
+from transformer_jax.data import pipeline as input_pipeline
+from transformer_jax.data import tokenizer as tokenizer_lib
+from transformer_jax.data.datasets import multi30k
+from transformer_jax.data.datasets import parallel_text
 
 _LEXICON = {'the': 'der', 'a': 'ein', 'man': 'Mann', 'woman': 'Frau', 'dog': 'Hund',
             'child': 'Kind', 'street': 'Straße', 'red': 'rot', 'blue': 'blau',
@@ -412,7 +412,7 @@ def test_multi30k_pipeline(multi30k_builder, multi30k_dir, vocab_path, corpus, t
   assert eval_sets['test'].references[0] == 'A man in an orange hat starring at something.'
   assert next(train_iter)['inputs'].shape in train_iter.spec.shapes()
   # Plain iteration (as the evaluate CLI does) stops at the end of the split.
-  from transformer_jax.datasets import sources as sources_lib
+  from transformer_jax.data.datasets import sources as sources_lib
   test_pairs = sources_lib.load_pairs(config.data, 'test')
   assert sum(1 for _ in test_pairs) == 1000
   assert list(test_pairs)[-1] == test_pairs[-1]

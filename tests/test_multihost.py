@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from transformer_jax import checkpoint as checkpoint_lib
 from transformer_jax import sharding
-from transformer_jax import train
+from transformer_jax.run import checkpoint as checkpoint_lib
+from transformer_jax.train import loop as train
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB, ROWS, STEPS = 256, 8, 3
@@ -34,7 +34,9 @@ port, pid, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=pid)
 sys.path.insert(0, os.getcwd())
 from tests import test_multihost as t
-from transformer_jax import checkpoint, sharding, train
+from transformer_jax import sharding
+from transformer_jax.run import checkpoint
+from transformer_jax.train import loop as train
 config = t.config()
 mesh = sharding.create_mesh(config.mesh)
 setup = train.TrainSetup.create(config, t.VOCAB, mesh)

@@ -1,4 +1,4 @@
-"""Tests for transformer_jax.optim: the paper's schedule, Adam, accumulation, loss."""
+"""Tests for transformer_jax.train.optim: the paper's schedule, Adam, accumulation, loss."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from configs import default
-from transformer_jax import optim
+from transformer_jax.train import optim
 
 
 def _paper_lrate(step, d_model=512, warmup=4000):

@@ -1,4 +1,4 @@
-"""Tests for transformer_jax/tokenizer.py: special ids, round trips, reuse, mismatch errors."""
+"""Tests for transformer_jax/data/tokenizer.py: special ids, round trips, reuse, mismatch errors."""
 
 import json
 
@@ -7,7 +7,7 @@ import pytest
 import sentencepiece as spm
 from ml_collections import ConfigDict
 
-from transformer_jax import tokenizer as tokenizer_lib
+from transformer_jax.data import tokenizer as tokenizer_lib
 
 _WORDS = ('the a man woman dog child street red blue runs sits looks at with in on big small '
           'Straße Mädchen Hund läuft über grün schön Fußball café naïve').split()

@@ -1,4 +1,4 @@
-"""Tests for transformer_jax.train on 8 fake CPU devices.
+"""Tests for transformer_jax.train.loop on 8 fake CPU devices.
 
 * Three train steps on meshes (8,1,1), (2,2,2), (1,2,4) and (1,1,8) give the losses,
   parameters and optimizer state of one device.
@@ -19,10 +19,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import tiny
-from transformer_jax import checkpoint as checkpoint_lib
-from transformer_jax import flops
 from transformer_jax import sharding
-from transformer_jax import train
+from transformer_jax.run import checkpoint as checkpoint_lib
+from transformer_jax.train import flops
+from transformer_jax.train import loop as train
 
 VOCAB = 256
 MESHES = [(8, 1, 1), (2, 2, 2), (1, 2, 4), (1, 1, 8)]

@@ -22,11 +22,11 @@ import optax
 import pytest
 from flax import nnx
 
-from transformer_jax import checkpoint as checkpoint_lib
 from transformer_jax import evaluate
 from transformer_jax import model as model_lib
-from transformer_jax import tokenizer as tokenizer_lib
 from transformer_jax import translate
+from transformer_jax.data import tokenizer as tokenizer_lib
+from transformer_jax.run import checkpoint as checkpoint_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 WORDS = 'red blue green cat dog bird runs sleeps eats big small the a on under'.split()

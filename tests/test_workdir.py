@@ -29,7 +29,7 @@ def run(tmp_path_factory):
   path = tmp_path_factory.mktemp('run')
   wd = Workdir.create(path, _config())
   cfg = model_lib.TransformerConfig.from_config(wd.config.model, VOCAB)
-  from transformer_jax import checkpoint as checkpoint_lib
+  from transformer_jax.run import checkpoint as checkpoint_lib
   ckpt = wd.checkpointer(read_only=False)
   saved = {}
   for seed, step in enumerate((10, 20, 30)):

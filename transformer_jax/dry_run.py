@@ -6,7 +6,7 @@
 builds a ('data', 'fsdp', 'tensor') mesh over ``--num_devices`` fake CPU devices,
 creates the parameters and optimizer state abstractly (``nnx.eval_shape`` and
 ``jax.eval_shape`` inside ``train.TrainSetup``: shapes and shardings, no weights),
-lowers and compiles the very train step ``train.py`` runs for the batch shape the
+lowers and compiles the very train step ``train/loop.py`` runs for the batch shape the
 config gives (the paper's ~25000 tokens a side), and prints per device:
 
 * parameters and optimizer state, from each array's shard shape;
@@ -266,9 +266,9 @@ def batch_shape(config, mesh, length: int | None = None) -> tuple[int, int]:
   a multiple of the number of batch shards. The longest bucket has the largest
   attention matrices ([B, N, L, L] with B * L fixed), so the most activation memory.
   """
-  from transformer_jax import input_pipeline
   from transformer_jax import sharding
-  spec = input_pipeline.BatchSpec.from_config(
+  from transformer_jax.data import pipeline
+  spec = pipeline.BatchSpec.from_config(
       config.data, process_count=1, batch_multiple=sharding.batch_divisor(mesh))
   shapes = dict(zip(spec.lengths, spec.rows))
   length = max(shapes) if length is None else length
@@ -299,10 +299,10 @@ def run(config, *, devices: Sequence | None = None, vocab_size: int | None = Non
   """
   import jax
   import jax.numpy as jnp
-  from transformer_jax import flops
   from transformer_jax import sharding
   from transformer_jax import topology
-  from transformer_jax import train
+  from transformer_jax.train import flops
+  from transformer_jax.train import loop as train
 
   mesh = sharding.create_mesh(config.mesh, devices)
   vocab_size = int(vocab_size or config.data.vocab_size)
@@ -339,9 +339,9 @@ def _compile_decode(config, setup, length: int) -> DecodeReport:
   import jax
   import jax.numpy as jnp
   from flax import nnx
-  from transformer_jax import decode as decode_lib
   from transformer_jax import model as model_lib
   from transformer_jax import sharding
+  from transformer_jax.inference import search as search_lib
 
   mesh, rules, cfg = setup.mesh, setup.rules, setup.model_cfg
   shards = sharding.batch_divisor(mesh)
@@ -357,7 +357,7 @@ def _compile_decode(config, setup, length: int) -> DecodeReport:
                              sharding=sharding.batch_sharding(mesh))
   beam = int(config.eval.beam_size)
   max_extra = int(config.eval.max_extra_length)
-  search = decode_lib._compiled_search(  # The very function Decoder jits.
+  search = search_lib._compiled_search(  # The very function Decoder jits.
       graphdef, beam, float(config.eval.length_penalty), max_extra, cfg.bos_id,
       cfg.pad_id)
   max_decode_len = length + max_extra

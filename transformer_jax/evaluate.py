@@ -16,7 +16,7 @@ one pair of files per (split, step, averaging, search): ``<name>`` is e.g.
 
 ``tok_bleu`` is the paper's tokenized, compound-split BLEU; ``sacrebleu`` the
 detokenized figure people compare today; ``lc_tok_bleu`` the lower-cased,
-Moses-tokenized BLEU Multi30k papers report (see ``bleu.py``). Training calls
+Moses-tokenized BLEU Multi30k papers report (see ``inference/bleu.py``). Training calls
 :func:`evaluate_bleu` on its evaluation sets at the end of a run.
 """
 
@@ -31,10 +31,10 @@ from collections.abc import Sequence
 import jax
 from absl import app, flags, logging
 
-from transformer_jax import bleu
-from transformer_jax import decode as decode_lib
 from transformer_jax import sharding
 from transformer_jax import translate
+from transformer_jax.inference import bleu
+from transformer_jax.inference import search as search_lib
 
 EVAL_DIR = 'eval'
 
@@ -148,7 +148,7 @@ def evaluate_bleu(model, tokenizer, eval_set, config, *, workdir: str | None = N
       ('data', 'fsdp') axes.
     tokenizer: the run's Tokenizer.
     eval_set: anything with ``sources`` and ``references`` lists
-      (``input_pipeline.EvalSet``).
+      (``pipeline.EvalSet``).
     config: the run's ConfigDict (``eval``, ``data`` groups).
     workdir: where ``eval/<split>.json`` and ``eval/<split>.hyp.txt`` go; None
       writes nothing.
@@ -165,7 +165,7 @@ def evaluate_bleu(model, tokenizer, eval_set, config, *, workdir: str | None = N
   n = max_sentences or len(eval_set.sources)
   e = config.eval
   mesh = _params_mesh(model)
-  decoder = decode_lib.Decoder(
+  decoder = search_lib.Decoder(
       model, beam_size=e.beam_size, alpha=e.length_penalty,
       max_extra_len=e.max_extra_length, mesh=mesh,
       rules=sharding.rules_from_config(config.mesh) if mesh is not None else None)
@@ -176,7 +176,7 @@ def evaluate_bleu(model, tokenizer, eval_set, config, *, workdir: str | None = N
 
 
 def _read_pairs(source_file: str, reference_file: str) -> tuple[list[str], list[str]]:
-  from transformer_jax.datasets import parallel_text
+  from transformer_jax.data.datasets import parallel_text
   text = parallel_text.read_parallel(source_file, reference_file)
   if text.skipped_empty:
     logging.warning('%s / %s: skipped %d pairs with an empty side (lines %s).',
@@ -195,7 +195,7 @@ def main(argv):
         raise ValueError('--source_file and --reference_file go together.')
       sources, references = _read_pairs(f.source_file, f.reference_file)
     else:
-      from transformer_jax.datasets import sources as sources_lib
+      from transformer_jax.data.datasets import sources as sources_lib
       pairs = sources_lib.load_pairs(config.data, f.split)
       if pairs is None:
         raise ValueError(f'The config of {f.workdir} names no {f.split} split; pass '
@@ -208,7 +208,7 @@ def main(argv):
     sources, references = sources[:f.max_sentences], references[:f.max_sentences]
   step = translator.step
   if step is None:
-    from transformer_jax import checkpoint as checkpoint_lib
+    from transformer_jax.run import checkpoint as checkpoint_lib
     step = checkpoint_lib.TrainCheckpointer(f.workdir, config.checkpoint,
                                             read_only=True).latest_step()
   results = evaluate_translator(translator, sources, references, split=f.split,

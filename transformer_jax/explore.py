@@ -27,13 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from transformer_jax import attention_plots
-from transformer_jax import checkpoint as checkpoint_lib
-from transformer_jax import decode as decode_lib
 from transformer_jax import model as model_lib
-from transformer_jax import tokenizer as tokenizer_lib
 from transformer_jax import translate
-from transformer_jax.attention_page import AttentionPage
+from transformer_jax.data import tokenizer as tokenizer_lib
+from transformer_jax.inference import search as search_lib
+from transformer_jax.run import checkpoint as checkpoint_lib
+from transformer_jax.viz import attention_plots
+from transformer_jax.viz.attention_page import AttentionPage
 
 
 @dataclasses.dataclass
@@ -97,7 +97,7 @@ def explore_text(translator: translate.Translator, text: str, *,
   src = source_ids(tokenizer, text, model.cfg.max_len)
   decoder = translator.decoder
   if (beam_size, alpha, max_extra_len) != (None, None, None):
-    decoder = decode_lib.Decoder(
+    decoder = search_lib.Decoder(
         model, beam_size=beam_size or eval_cfg.beam_size,
         alpha=eval_cfg.length_penalty if alpha is None else alpha,
         max_extra_len=eval_cfg.max_extra_length if max_extra_len is None else max_extra_len)

@@ -71,7 +71,7 @@ def main(argv):
   if not flags.FLAGS['verbosity'].present:
     logging.get_absl_handler().addFilter(_QuietLibraries())
   _maybe_initialize_distributed()
-  from transformer_jax import train  # pylint: disable=g-import-not-at-top
+  from transformer_jax.train import loop as train  # pylint: disable=g-import-not-at-top
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -31,11 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from transformer_jax import checkpoint as checkpoint_lib
-from transformer_jax import decode as decode_lib
 from transformer_jax import model as model_lib
 from transformer_jax import sharding
-from transformer_jax import tokenizer as tokenizer_lib
+from transformer_jax.data import tokenizer as tokenizer_lib
+from transformer_jax.inference import search as search_lib
+from transformer_jax.run import checkpoint as checkpoint_lib
 
 
 @dataclasses.dataclass
@@ -44,7 +44,7 @@ class Translator:
   model: model_lib.Transformer
   tokenizer: tokenizer_lib.Tokenizer
   config: object  # The workdir's ConfigDict.
-  decoder: decode_lib.Decoder
+  decoder: search_lib.Decoder
   step: int | None
 
 
@@ -105,7 +105,7 @@ def load_translator(workdir: str, *, step: int | None = None,
     raise ValueError(f'{vocab_path} has {tokenizer.vocab_size} pieces but the checkpoint '
                      f'in {workdir} has a {model.cfg.vocab_size}-token embedding.')
   e = config.eval
-  decoder = decode_lib.Decoder(
+  decoder = search_lib.Decoder(
       model, beam_size=e.beam_size if beam_size is None else beam_size,
       alpha=e.length_penalty if alpha is None else alpha,
       max_extra_len=e.max_extra_length if max_extra_length is None else max_extra_length,
@@ -152,7 +152,7 @@ def encode_sources(tokenizer: tokenizer_lib.Tokenizer, lines: Sequence[str],
   return out
 
 
-def translate_ids(decoder: decode_lib.Decoder, sources: Sequence[list[int] | None], *,
+def translate_ids(decoder: search_lib.Decoder, sources: Sequence[list[int] | None], *,
                   batch_size: int, buckets: Sequence[int], max_len: int,
                   pad_id: int = 0, progress: bool = True) -> list[list[int]]:
   """Best translations (ids, no eos) of ``sources`` in their order; [] for None.

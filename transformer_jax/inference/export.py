@@ -37,7 +37,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from transformer_jax import model as model_lib
-from transformer_jax import tokenizer as tokenizer_lib
+from transformer_jax.data import tokenizer as tokenizer_lib
 
 Params = Mapping[str, np.ndarray]  # 'encoder/layers/0/self_attention/query_kernel' -> array
 

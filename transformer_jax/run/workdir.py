@@ -29,8 +29,8 @@ from typing import Any, NamedTuple
 import jax
 import ml_collections
 
-from transformer_jax import checkpoint as checkpoint_lib
-from transformer_jax import tokenizer as tokenizer_lib
+from transformer_jax.data import tokenizer as tokenizer_lib
+from transformer_jax.run import checkpoint as checkpoint_lib
 
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'

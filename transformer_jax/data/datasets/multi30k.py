@@ -22,7 +22,7 @@ import os
 from etils import epath
 import tensorflow_datasets as tfds
 
-from transformer_jax.datasets import parallel_text
+from transformer_jax.data.datasets import parallel_text
 
 # Snapshot commit of github.com/multi30k/dataset; pinning it keeps the checksums valid.
 _COMMIT = 'a3d2e0d26b56f3846f66a952536ffed4e401d05a'

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from transformer_jax.attention_plots import ATTENTION_KINDS
+from transformer_jax.viz.attention_plots import ATTENTION_KINDS
 
 _STYLE = """
 body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 16px;

@@ -31,11 +31,11 @@ import optax
 from absl import logging
 from flax import nnx
 
-from transformer_jax import checkpoint as checkpoint_lib
-from transformer_jax import flops as flops_lib
 from transformer_jax import model as model_lib
-from transformer_jax import optim
 from transformer_jax import sharding
+from transformer_jax.run import checkpoint as checkpoint_lib
+from transformer_jax.train import flops as flops_lib
+from transformer_jax.train import optim
 
 Batch = dict[str, Any]
 # The model inputs of a batch; other keys (e.g. an eval set's 'index') stay on host.
@@ -398,8 +398,8 @@ def _summary_writer(workdir: str):
 
 
 def _get_datasets(config, workdir, batch_multiple):
-  from transformer_jax import input_pipeline
-  return input_pipeline.get_datasets(
+  from transformer_jax.data import pipeline
+  return pipeline.get_datasets(
       config, workdir, process_index=jax.process_index(),
       process_count=jax.process_count(), batch_multiple=batch_multiple)
 

@@ -6,7 +6,7 @@ iterator and the evaluation sets, chosen by ``config.data`` (corpora are read by
 
 * ``source='tfds'``: a TFDS translation dataset (``wmt14_translate/de-en``,
   ``wmt14_translate/fr-en``, ``wmt17_translate/de-en``, ...) in either direction;
-* ``source='multi30k'``: our Multi30k builder (``transformer_jax/datasets``), read from
+* ``source='multi30k'``: our Multi30k builder (``transformer_jax/data/datasets``), read from
   ``config.data.manual_dir`` or ``$MULTI30K_DIR`` when the network is out of reach;
 * ``source='text'``: line-aligned files, ``train_files=(source_path, target_path)``.
 
@@ -40,8 +40,8 @@ from absl import logging
 import grain
 import numpy as np
 
-from transformer_jax import tokenizer as tokenizer_lib
-from transformer_jax.datasets import sources
+from transformer_jax.data import tokenizer as tokenizer_lib
+from transformer_jax.data.datasets import sources
 
 Pair = sources.Pair
 Batch = dict[str, np.ndarray]

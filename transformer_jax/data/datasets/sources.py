@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
-from transformer_jax.datasets import parallel_text
+from transformer_jax.data.datasets import parallel_text
 
 Pair = tuple[str, str]
 
@@ -83,7 +83,7 @@ def _tfds_pairs(data_cfg, split: str) -> _TfdsPairs:
 
 def _multi30k_pairs(data_cfg, split: str) -> _TfdsPairs:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from transformer_jax.datasets import multi30k  # pylint: disable=g-import-not-at-top
+  from transformer_jax.data.datasets import multi30k  # pylint: disable=g-import-not-at-top
   manual_dir = data_cfg.manual_dir or os.environ.get('MULTI30K_DIR')
   if manual_dir and not os.path.isdir(manual_dir):
     raise FileNotFoundError(f'Multi30k manual_dir not found: {manual_dir} '

@@ -1,0 +1,24 @@
+"""The paper's modules: config, layers and the encoder-decoder Transformer.
+
+``from transformer_jax import model`` gives the public names below, so callers write
+``model.Transformer(model.TransformerConfig(...), rngs=...)``. Nothing here knows
+about search, data or the training loop.
+"""
+
+from transformer_jax.model.config import TransformerConfig
+from transformer_jax.model.layers import (DecoderLayer, Embedding, EncoderLayer,
+                                          FeedForward, MultiHeadAttention,
+                                          OutputProjection, PositionalEncoding,
+                                          SublayerConnection, attention_mask,
+                                          einsum_attention, single_query_attention,
+                                          sinusoidal_positions)
+from transformer_jax.model.transformer import (Decoder, Encoder, Transformer,
+                                               shift_right)
+
+__all__ = [
+    'Decoder', 'DecoderLayer', 'Embedding', 'Encoder', 'EncoderLayer', 'FeedForward',
+    'MultiHeadAttention', 'OutputProjection', 'PositionalEncoding',
+    'SublayerConnection', 'Transformer', 'TransformerConfig', 'attention_mask',
+    'einsum_attention', 'shift_right', 'single_query_attention',
+    'sinusoidal_positions',
+]

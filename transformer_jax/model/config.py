@@ -1,0 +1,103 @@
+"""TransformerConfig: the hyper-parameters of the Transformer (Sec 3, Table 3).
+
+The one place model defaults live: every other module (configs/default.py, the
+CLIs, the tests) takes them from here. Built from ``config.model`` by
+``TransformerConfig.from_config``; modules never see a ConfigDict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+_LAYER_NORMS = ('post', 'pre')
+_POSITIONS = ('sinusoidal', 'learned')
+_ATTENTION_IMPLS = ('xla', 'einsum')
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Hyper-parameters of the encoder-decoder Transformer (Sec 3, Table 3).
+
+  Defaults are the paper's base model; ``from_config`` builds one from
+  ``config.model``.
+  """
+  vocab_size: int
+  num_encoder_layers: int = 6  # N
+  num_decoder_layers: int = 6  # N
+  d_model: int = 512
+  num_heads: int = 8  # h
+  head_dim: int | None = None  # d_k = d_v; None -> d_model // num_heads.
+  key_dim: int | None = None  # d_k alone (Table 3 row B); None -> the head dim.
+  d_ff: int = 2048
+  dropout_rate: float = 0.1  # P_drop: sub-layer outputs, embeddings + positions.
+  attention_dropout_rate: float = 0.0  # tensor2tensor extra: on attention probs.
+  relu_dropout_rate: float = 0.0  # tensor2tensor extra: inside the FFN.
+  max_len: int = 256  # Rows of the learned position table.
+  share_embeddings: bool = True  # Sec 3.4: one matrix for inputs and the softmax.
+  layer_norm: str = 'post'  # 'post' (the paper) or 'pre' (Xiong et al. 2020).
+  positions: str = 'sinusoidal'  # 'sinusoidal' (Sec 3.5) or 'learned' (Table 3 E).
+  dtype: Any = jnp.float32  # Compute dtype.
+  param_dtype: Any = jnp.float32
+  attention_impl: str = 'xla'  # 'xla': jax.nn.dot_product_attention; 'einsum'.
+  pad_id: int = 0
+  bos_id: int = 2
+
+  def __post_init__(self):
+    problems = []
+    if self.layer_norm not in _LAYER_NORMS:
+      problems.append(f'layer_norm={self.layer_norm!r} (expected one of {_LAYER_NORMS})')
+    if self.positions not in _POSITIONS:
+      problems.append(f'positions={self.positions!r} (expected one of {_POSITIONS})')
+    if self.attention_impl not in _ATTENTION_IMPLS:
+      problems.append(f'attention_impl={self.attention_impl!r} '
+                      f'(expected one of {_ATTENTION_IMPLS})')
+    if self.head_dim is None and self.d_model % self.num_heads:
+      problems.append(f'd_model={self.d_model} is not divisible by '
+                      f'num_heads={self.num_heads}; set head_dim')
+    if self.positions == 'sinusoidal' and self.d_model % 2:
+      problems.append(f'sinusoidal positions need an even d_model, got {self.d_model}')
+    for name in ('vocab_size', 'num_encoder_layers', 'num_decoder_layers',
+                 'd_model', 'num_heads', 'd_ff', 'max_len'):
+      if getattr(self, name) <= 0:
+        problems.append(f'{name}={getattr(self, name)} must be positive')
+    for name in ('dropout_rate', 'attention_dropout_rate', 'relu_dropout_rate'):
+      if not 0.0 <= getattr(self, name) < 1.0:
+        problems.append(f'{name}={getattr(self, name)} must be in [0, 1)')
+    if problems:
+      raise ValueError('Invalid TransformerConfig: ' + '; '.join(problems) + '.')
+
+  @property
+  def qkv_head_dim(self) -> int:
+    """H: the per-head dimension d_k = d_v (Sec 3.2.2)."""
+    return self.head_dim if self.head_dim is not None else self.d_model // self.num_heads
+
+  @property
+  def qk_head_dim(self) -> int:
+    """d_k of queries and keys: H unless ``key_dim`` sets it apart from d_v."""
+    return self.key_dim if self.key_dim is not None else self.qkv_head_dim
+
+  @classmethod
+  def from_config(cls, model_cfg, vocab_size: int) -> TransformerConfig:
+    """Builds the config from ``config.model`` (a ConfigDict or mapping).
+
+    Dtype strings ('float32', 'bfloat16') become jnp dtypes. Unknown keys are an
+    error, so a misspelt option is never silently ignored.
+    """
+    values = dict(model_cfg.items()) if hasattr(model_cfg, 'items') else dict(model_cfg)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+      raise ValueError(f'config.model has unknown keys {unknown}; TransformerConfig '
+                       f'accepts {sorted(fields - {"vocab_size"})}.')
+    values.pop('vocab_size', None)
+    for key in ('dtype', 'param_dtype'):
+      if isinstance(values.get(key), str):
+        if values[key] not in _DTYPES:
+          raise ValueError(f'config.model.{key}={values[key]!r}: expected one of '
+                           f'{sorted(_DTYPES)}.')
+        values[key] = _DTYPES[values[key]]
+    return cls(vocab_size=int(vocab_size), **values)

@@ -1,0 +1,1 @@
+"""Training: the sharded train/eval steps and loop, the optimiser, FLOP counts."""

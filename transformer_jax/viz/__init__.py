@@ -1,0 +1,1 @@
+"""Attention visualisation: matplotlib plots and the self-contained HTML page."""
