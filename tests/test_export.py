@@ -216,6 +216,9 @@ def test_bad_input_is_a_clear_error(workdir, ct2_dir, tmp_path):  # noqa: F811
   _, row_b, params = _random_params(key_dim=2)
   with pytest.raises(export.ExportError, match='key_dim=2'):
     export.ctranslate2_spec(params, row_b, PIECES)
+  _, rope, rope_params = _random_params(positions='rope', norm='rmsnorm')
+  with pytest.raises(export.ExportError, match="positions='rope', norm='rmsnorm'"):
+    export.ctranslate2_spec(rope_params, rope, PIECES)
   scanned = {k.replace('layers/0/', 'layers/stacked/'): v for k, v in params.items()}
   with pytest.raises(export.ExportError, match='scanned'):
     export.ctranslate2_spec(scanned, row_b, PIECES)

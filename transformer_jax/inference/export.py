@@ -99,6 +99,13 @@ def check_supported(cfg: model_lib.TransformerConfig, params: Params, target: st
          and not key.split('/')[2].isdigit() for key in params):
     raise ExportError(f'{target} export needs one parameter set per layer; this checkpoint '
                       'stacks the layers (scanned layout).')
+  modern = [f'{name}={getattr(cfg, name)!r}' for name, paper in (
+      ('positions', ('sinusoidal', 'learned')), ('norm', ('layernorm',)),
+      ('feed_forward', ('relu',)), ('use_bias', (True,))) if getattr(cfg, name) not in paper]
+  if modern:
+    raise ExportError(f'{target} export writes the paper\'s layers only; this model has '
+                      f'{", ".join(modern)} (RoPE/ALiBi, RMSNorm, gated FFNs and bias-free '
+                      'linears are not mapped).')
   if cfg.key_dim is not None and cfg.key_dim != cfg.qkv_head_dim:
     raise ExportError(f'{target} cannot hold key_dim={cfg.key_dim} != head dim '
                       f'{cfg.qkv_head_dim} (Table 3 row B): queries/keys and values must '

@@ -12,12 +12,14 @@ from transformer_jax.model.layers import (DecoderLayer, Embedding, EncoderLayer,
                                           SublayerConnection, attention_mask,
                                           einsum_attention, single_query_attention,
                                           sinusoidal_positions)
+from transformer_jax.model.positions import alibi_bias, alibi_slopes, rotary_embedding
 from transformer_jax.model.transformer import (Decoder, Encoder, Transformer,
                                                shift_right)
 
 __all__ = [
     'Decoder', 'DecoderLayer', 'Embedding', 'Encoder', 'EncoderLayer', 'FeedForward',
-    'MultiHeadAttention', 'OutputProjection', 'PositionalEncoding',
+    'MultiHeadAttention', 'OutputProjection', 'PositionalEncoding', 'alibi_bias',
+    'alibi_slopes', 'rotary_embedding',
     'SublayerConnection', 'Transformer', 'TransformerConfig', 'attention_mask',
     'einsum_attention', 'shift_right', 'single_query_attention',
     'sinusoidal_positions',

@@ -13,7 +13,9 @@ from typing import Any
 import jax.numpy as jnp
 
 _LAYER_NORMS = ('post', 'pre')
-_POSITIONS = ('sinusoidal', 'learned')
+_POSITIONS = ('sinusoidal', 'learned', 'rope', 'alibi')
+_NORMS = ('layernorm', 'rmsnorm')
+_FEED_FORWARDS = ('relu', 'swiglu', 'geglu')
 _ATTENTION_IMPLS = ('xla', 'einsum')
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
@@ -23,7 +25,8 @@ class TransformerConfig:
   """Hyper-parameters of the encoder-decoder Transformer (Sec 3, Table 3).
 
   Defaults are the paper's base model; ``from_config`` builds one from
-  ``config.model``.
+  ``config.model``. The post-2017 options (``positions`` 'rope'/'alibi', ``norm``,
+  ``feed_forward``, ``use_bias``) default to the paper's choices.
   """
   vocab_size: int
   num_encoder_layers: int = 6  # N
@@ -39,7 +42,15 @@ class TransformerConfig:
   max_len: int = 256  # Rows of the learned position table.
   share_embeddings: bool = True  # Sec 3.4: one matrix for inputs and the softmax.
   layer_norm: str = 'post'  # 'post' (the paper) or 'pre' (Xiong et al. 2020).
-  positions: str = 'sinusoidal'  # 'sinusoidal' (Sec 3.5) or 'learned' (Table 3 E).
+  # 'sinusoidal' (Sec 3.5) or 'learned' (Table 3 E), added to the embeddings; 'rope'
+  # (rotary queries/keys) or 'alibi' (linear logit biases) in every self-attention.
+  positions: str = 'sinusoidal'
+  rope_base: float = 10000.0  # RoPE's wavelength base (Su et al. 2021).
+  norm: str = 'layernorm'  # 'layernorm' (Sec 3.1, Ba et al.) or 'rmsnorm' (Zhang 2019).
+  # 'relu' (Sec 3.3) or a gated unit, 'swiglu' / 'geglu' (Shazeer 2020), whose hidden
+  # size is ``ffn_hidden_dim`` (2/3 of d_ff) so the FFN keeps its parameter count.
+  feed_forward: str = 'relu'
+  use_bias: bool = True  # False: no biases in any linear map (norms keep theirs).
   dtype: Any = jnp.float32  # Compute dtype.
   param_dtype: Any = jnp.float32
   attention_impl: str = 'xla'  # 'xla': jax.nn.dot_product_attention; 'einsum'.
@@ -52,6 +63,16 @@ class TransformerConfig:
       problems.append(f'layer_norm={self.layer_norm!r} (expected one of {_LAYER_NORMS})')
     if self.positions not in _POSITIONS:
       problems.append(f'positions={self.positions!r} (expected one of {_POSITIONS})')
+    if self.norm not in _NORMS:
+      problems.append(f'norm={self.norm!r} (expected one of {_NORMS})')
+    if self.feed_forward not in _FEED_FORWARDS:
+      problems.append(f'feed_forward={self.feed_forward!r} '
+                      f'(expected one of {_FEED_FORWARDS})')
+    if self.positions == 'rope' and self.qk_head_dim % 2:
+      problems.append(f'rope rotates pairs of features: the query/key head dim must be '
+                      f'even, got {self.qk_head_dim}')
+    if self.rope_base <= 1.0:
+      problems.append(f'rope_base={self.rope_base} must be > 1')
     if self.attention_impl not in _ATTENTION_IMPLS:
       problems.append(f'attention_impl={self.attention_impl!r} '
                       f'(expected one of {_ATTENTION_IMPLS})')
@@ -79,6 +100,25 @@ class TransformerConfig:
   def qk_head_dim(self) -> int:
     """d_k of queries and keys: H unless ``key_dim`` sets it apart from d_v."""
     return self.key_dim if self.key_dim is not None else self.qkv_head_dim
+
+  @property
+  def ffn_hidden_dim(self) -> int:
+    """F, the FFN's hidden width: d_ff for 'relu'; for a gated FFN, 2/3 d_ff
+    rounded to a multiple of 8.
+
+    A gated FFN has three [D, F] matrices where ReLU's has two, so 2/3 of d_ff keeps
+    the parameter count (3 * D * 2/3 F = 2 * D * F), the rule of Shazeer (2020) and
+    LLaMA. Multiples of 8 keep the 'mlp' axis divisible by the mesh's tensor axis.
+    """
+    if self.feed_forward == 'relu':
+      return self.d_ff
+    return max(8, 8 * round(2 * self.d_ff / 3 / 8))
+
+  @property
+  def additive_positions(self) -> bool:
+    """Whether positions are added to the embeddings (sinusoidal, learned) rather
+    than applied inside self-attention (rope, alibi)."""
+    return self.positions in ('sinusoidal', 'learned')
 
   @classmethod
   def from_config(cls, model_cfg, vocab_size: int) -> TransformerConfig:

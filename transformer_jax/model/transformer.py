@@ -21,10 +21,18 @@ from transformer_jax import sharding
 from transformer_jax.model.config import TransformerConfig
 from transformer_jax.model.layers import (DecoderLayer, Embedding, EncoderLayer,
                                           OutputProjection, PositionalEncoding,
-                                          attention_mask, constrain_embed, layer_norm)
+                                          add_bias, attention_mask, constrain_embed,
+                                          layer_norm)
 
 Array = jax.Array
 Cache = dict[str, Any]
+
+
+def _default_positions(ids: Array, positions: Array | None) -> Array:
+  """[B, T] positions: as given (packed rows), else 0..T-1 in every row."""
+  if positions is not None:
+    return positions
+  return jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
 
 
 def shift_right(targets: Array, positions: Array | None = None, *, bos_id: int = 2,
@@ -54,7 +62,8 @@ class _Stack(nnx.Module):
                layer_cls, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.embed = embedding
-    self.positions = PositionalEncoding(cfg, rngs=rngs)
+    self.positions = (PositionalEncoding(cfg, rngs=rngs) if cfg.additive_positions
+                      else None)
     # Sec 5.4: dropout on the sums of the embeddings and the positional encodings.
     self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
     self.layers = nnx.List([layer_cls(cfg, rngs=rngs) for _ in range(num_layers)])
@@ -66,7 +75,9 @@ class _Stack(nnx.Module):
     """ids [B, T] -> [B, T, D]: sqrt(D)-scaled embeddings + positional encodings."""
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
-    x = self.embed(ids) + self.positions(positions)
+    x = self.embed(ids)
+    if self.positions is not None:
+      x = x + self.positions(positions)
     x = self.dropout(x, deterministic=deterministic)
     return constrain_embed(x)
 
@@ -89,9 +100,11 @@ class Encoder(_Stack):
     """
     valid = src != self.cfg.pad_id
     mask = attention_mask(valid, valid, query_segments=segments, key_segments=segments)
+    positions = _default_positions(src, positions)
     x = self.embed_tokens(src, positions, deterministic=deterministic)
     for layer in self.layers:
-      x = layer(x, mask, deterministic=deterministic, probs_out=probs_out)
+      x = layer(x, mask, positions=positions, deterministic=deterministic,
+                probs_out=probs_out)
     return self.normalize_output(x)
 
 
@@ -125,7 +138,7 @@ class Decoder(_Stack):
       logits = jnp.einsum('btd,dv->btv', y, output_kernel,
                           preferred_element_type=jnp.float32)
       if self.output_projection is not None:
-        logits = logits + self.output_projection.bias[...].astype(jnp.float32)
+        logits = add_bias(logits, self.output_projection.bias)
     elif self.output_projection is not None:
       logits = self.output_projection(y)
     else:
@@ -145,10 +158,12 @@ class Decoder(_Stack):
                                key_segments=tgt_segments, causal=True)
     cross_mask = attention_mask(tgt_valid, src_valid, query_segments=tgt_segments,
                                 key_segments=src_segments)
-    y = self.embed_tokens(tgt_in, tgt_positions, deterministic=deterministic)
+    positions = _default_positions(tgt_in, tgt_positions)
+    y = self.embed_tokens(tgt_in, positions, deterministic=deterministic)
     for layer in self.layers:
-      y = layer(y, encoded, self_mask, cross_mask, deterministic=deterministic,
-                self_probs_out=self_probs_out, cross_probs_out=cross_probs_out)
+      y = layer(y, encoded, self_mask, cross_mask, positions=positions,
+                deterministic=deterministic, self_probs_out=self_probs_out,
+                cross_probs_out=cross_probs_out)
     return self.logits(y)
 
 

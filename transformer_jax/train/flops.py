@@ -30,12 +30,14 @@ def forward_flops(cfg: TransformerConfig, batch: int, src_len: int,
   Counts 2 FLOPs per multiply-add of every projection, attention product and
   the output softmax layer, on padded shapes (what the hardware computes).
   """
-  d, f, v = cfg.d_model, cfg.d_ff, cfg.vocab_size
+  d, v = cfg.d_model, cfg.vocab_size
   nh = cfg.num_heads * cfg.qkv_head_dim
   s, t = src_len, tgt_len
-  enc = cfg.num_encoder_layers * (s * (8 * d * nh + 4 * d * f) + 4 * s * s * nh)
+  # FFN per token: two [D, F] matmuls, three for a gated unit (SwiGLU/GeGLU).
+  ffn = (4 if cfg.feed_forward == 'relu' else 6) * d * cfg.ffn_hidden_dim
+  enc = cfg.num_encoder_layers * (s * (8 * d * nh + ffn) + 4 * s * s * nh)
   dec = cfg.num_decoder_layers * (
-      t * (8 * d * nh + 4 * d * nh + 4 * d * f)  # self q,k,v,o; cross q,o; FFN
+      t * (8 * d * nh + 4 * d * nh + ffn)  # self q,k,v,o; cross q,o; FFN
       + s * 4 * d * nh  # cross-attention keys and values of the encoder output
       + 4 * t * t * nh + 4 * t * s * nh)  # self and cross attention products
   return float(batch * (enc + dec + t * 2 * d * v))

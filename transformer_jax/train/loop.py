@@ -106,7 +106,7 @@ class TrainSetup:
     closes over is made on the host instead of on the mesh."""
     model_cfg = model_lib.TransformerConfig.from_config(config.model, vocab_size)
     sharding.check_divides(mesh, num_heads=model_cfg.num_heads, vocab_size=vocab_size,
-                           d_ff=model_cfg.d_ff)
+                           d_ff=model_cfg.ffn_hidden_dim)
     rules = sharding.rules_from_config(config.mesh)
     tx = optim.make_optimizer(config.optim, model_cfg.d_model)
     abstract_model = nnx.eval_shape(
