@@ -182,29 +182,48 @@ def write_reports(out: pathlib.Path, cap: int) -> None:
 
 
 def _plot(out: pathlib.Path, capped: dict, cap: int) -> None:
+  """length.png: BLEU by bucket on dev and test2016; output/reference length ratio
+  by bucket on test2016 (solid) and newstest2013 (dashed), whose BLEU is ~0."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  splits = [s for s in ('dev', 'test2016', 'newstest2013')
-            if any(r and s in r['eval'] for r in capped.values())]
-  if not splits:
+  runs = {k: r for k, r in capped.items() if r}
+  if not runs:
     return
-  fig, axes = plt.subplots(1, len(splits), figsize=(4.5 * len(splits), 3.6), squeeze=False)
-  for ax, split in zip(axes[0], splits):
-    for kind, r in capped.items():
-      if not r or split not in r['eval']:
-        continue
-      buckets = r['eval'][split]['buckets']
-      xs = [b for b in buckets if buckets[b]['sentences'] >= MIN_BUCKET]
-      ax.plot(range(len(xs)), [buckets[b]['bleu'] for b in xs], marker='o', label=kind)
-      ax.set_xticks(range(len(xs)), xs, rotation=30)
-    ax.set_title(f'{split} (trained on <= {cap} tokens)')
-    ax.set_xlabel('target length bucket (tokens)')
+  fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+  colors = dict(zip(LENGTH_RUNS, ('C0', 'C1', 'C2', 'C3')))
+
+  def series(r, split, key):
+    buckets = r['eval'].get(split, {}).get('buckets', {})
+    xs = [f'{lo}-{hi}' for lo, hi in BUCKETS]
+    return [(i, buckets[b][key]) for i, b in enumerate(xs)
+            if b in buckets and buckets[b]['sentences'] >= MIN_BUCKET]
+
+  for ax, split in zip(axes[:2], ('dev', 'test2016')):
+    for kind, r in runs.items():
+      points = series(r, split, 'bleu')
+      ax.plot(*zip(*points), marker='o', color=colors[kind], label=kind)
+    ax.set_title(f'{split}: sacreBLEU')
     ax.set_ylabel('sacreBLEU')
+  ax = axes[2]
+  for kind, r in runs.items():
+    for split, style in (('test2016', '-'), ('newstest2013', '--')):
+      points = series(r, split, 'length_ratio')
+      if points:
+        ax.plot(*zip(*points), style, marker='o', color=colors[kind],
+                label=f'{kind}, {split}' if split == 'newstest2013' else kind)
+  ax.axhline(1.0, color='grey', lw=0.8)
+  ax.set_title('length ratio (test2016; dashed: newstest2013)')
+  ax.set_ylabel('length ratio (words)')
+  for ax in axes:
+    ax.axvline(0.5, color='grey', ls=':', lw=0.8)  # The training cap.
+    ax.set_xticks(range(len(BUCKETS)), [f'{lo}-{hi}' for lo, hi in BUCKETS], rotation=30)
+    ax.set_xlabel('reference length (tokens)')
     ax.grid(alpha=0.3)
-  axes[0][0].legend()
+  axes[0].legend()
+  fig.suptitle(f'Trained on pairs of <= {cap} tokens (dotted line), 300 steps each')
   fig.tight_layout()
-  fig.savefig(out / 'length.png', dpi=110)
+  fig.savefig(out / 'length.png', dpi=100)
   plt.close(fig)
 
 
