@@ -18,6 +18,9 @@ def get_config(arg=None):
   # Sec 3 / Table 3 base row.
   config.model = ml_collections.ConfigDict()
   m = config.model
+  # 'encoder_decoder' (the paper), 'decoder_only' (causal LM, configs/lm_shakespeare.py)
+  # or 'encoder_only' (classifier / masked LM, configs/sst2.py).
+  m.family = 'encoder_decoder'
   m.num_encoder_layers = 6  # N
   m.num_decoder_layers = 6  # N
   m.d_model = 512
@@ -35,6 +38,8 @@ def get_config(arg=None):
   m.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16'.
   m.param_dtype = 'float32'  # Parameters and optimizer state stay fp32.
   m.attention_impl = 'xla'  # 'xla': jax.nn.dot_product_attention; 'einsum'.
+  m.num_classes = 2  # encoder_only: labels of the classification head.
+  m.pooling = 'cls'  # encoder_only: 'cls' (first token) or 'mean' (non-padding mean).
 
   config.data = ml_collections.ConfigDict()
   d = config.data
@@ -78,6 +83,11 @@ def get_config(arg=None):
   config.train = ml_collections.ConfigDict()
   t = config.train
   t.num_steps = 100_000  # Sec 5.2: base 100k steps, big 300k.
+  # What is trained: '' = the family's task (translation, lm, classification);
+  # 'mlm' = masked-LM pre-training of an encoder_only model (transformer_jax/tasks.py).
+  t.task = ''
+  # A workdir whose latest parameters start this run (fine-tuning after pre-training).
+  t.init_from = ''
   t.log_every_steps = 100
   t.eval_every_steps = 1000  # Dev loss/perplexity.
   t.bleu_every_steps = 0  # Dev/test BLEU with beam search; 0 = only at the end, -1 never.

@@ -12,6 +12,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+_FAMILIES = ('encoder_decoder', 'decoder_only', 'encoder_only')
+_POOLINGS = ('cls', 'mean')
 _LAYER_NORMS = ('post', 'pre')
 _POSITIONS = ('sinusoidal', 'learned', 'rope', 'alibi')
 _NORMS = ('layernorm', 'rmsnorm')
@@ -29,6 +31,10 @@ class TransformerConfig:
   ``feed_forward``, ``use_bias``) default to the paper's choices.
   """
   vocab_size: int
+  # 'encoder_decoder' (the paper), 'decoder_only' (a causal language model of
+  # decoder layers without cross-attention) or 'encoder_only' (an encoder with a
+  # pooled classification head and a masked-LM head).
+  family: str = 'encoder_decoder'
   num_encoder_layers: int = 6  # N
   num_decoder_layers: int = 6  # N
   d_model: int = 512
@@ -56,9 +62,15 @@ class TransformerConfig:
   attention_impl: str = 'xla'  # 'xla': jax.nn.dot_product_attention; 'einsum'.
   pad_id: int = 0
   bos_id: int = 2
+  num_classes: int = 2  # encoder_only: labels of the classification head.
+  pooling: str = 'cls'  # encoder_only: 'cls' (the first token) or 'mean' (masked).
 
   def __post_init__(self):
     problems = []
+    if self.family not in _FAMILIES:
+      problems.append(f'family={self.family!r} (expected one of {_FAMILIES})')
+    if self.pooling not in _POOLINGS:
+      problems.append(f'pooling={self.pooling!r} (expected one of {_POOLINGS})')
     if self.layer_norm not in _LAYER_NORMS:
       problems.append(f'layer_norm={self.layer_norm!r} (expected one of {_LAYER_NORMS})')
     if self.positions not in _POSITIONS:
@@ -82,7 +94,7 @@ class TransformerConfig:
     if self.positions == 'sinusoidal' and self.d_model % 2:
       problems.append(f'sinusoidal positions need an even d_model, got {self.d_model}')
     for name in ('vocab_size', 'num_encoder_layers', 'num_decoder_layers',
-                 'd_model', 'num_heads', 'd_ff', 'max_len'):
+                 'd_model', 'num_heads', 'd_ff', 'max_len', 'num_classes'):
       if getattr(self, name) <= 0:
         problems.append(f'{name}={getattr(self, name)} must be positive')
     for name in ('dropout_rate', 'attention_dropout_rate', 'relu_dropout_rate'):

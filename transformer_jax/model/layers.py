@@ -452,13 +452,19 @@ class EncoderLayer(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-  """Sec 3.1: masked self-attention, attention over the encoder output, then FFN."""
+  """Sec 3.1: masked self-attention, attention over the encoder output, then FFN.
 
-  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+  ``cross_attention=False`` drops the encoder-decoder sub-layer: the block of a
+  decoder-only language model (``model/lm.py``), otherwise the same modules.
+  """
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs,
+               cross_attention: bool = True):
     self.self_attention = MultiHeadAttention(cfg, self_attention=True, rngs=rngs)
     self.self_attention_residual = SublayerConnection(cfg, rngs=rngs)
-    self.cross_attention = MultiHeadAttention(cfg, rngs=rngs)
-    self.cross_attention_residual = SublayerConnection(cfg, rngs=rngs)
+    self.cross_attention = MultiHeadAttention(cfg, rngs=rngs) if cross_attention else None
+    self.cross_attention_residual = (SublayerConnection(cfg, rngs=rngs)
+                                     if cross_attention else None)
     self.feed_forward = FeedForward(cfg, rngs=rngs)
     self.ffn_residual = SublayerConnection(cfg, rngs=rngs)
 
@@ -475,11 +481,12 @@ class DecoderLayer(nnx.Module):
                                          deterministic=deterministic,
                                          probs_out=self_probs_out),
         deterministic=deterministic)
-    y = self.cross_attention_residual(
-        y, lambda h: self.cross_attention(h, encoded, cross_mask,
-                                          deterministic=deterministic,
-                                          probs_out=cross_probs_out),
-        deterministic=deterministic)
+    if self.cross_attention is not None:
+      y = self.cross_attention_residual(
+          y, lambda h: self.cross_attention(h, encoded, cross_mask,
+                                            deterministic=deterministic,
+                                            probs_out=cross_probs_out),
+          deterministic=deterministic)
     y = self.ffn_residual(
         y, lambda h: self.feed_forward(h, deterministic=deterministic),
         deterministic=deterministic)
@@ -506,7 +513,7 @@ class DecoderLayer(nnx.Module):
     """
     cache = dict(cache)
     rows = y.shape[0]
-    sources, beams = cross_mask.shape[0], rows // cross_mask.shape[0]
+    sources, beams = self_mask.shape[0], rows // self_mask.shape[0]
 
     def self_attend(h):
       attention = self.self_attention
@@ -547,6 +554,7 @@ class DecoderLayer(nnx.Module):
       return attention.output(heads.reshape(rows, 1, *heads.shape[2:]))
 
     y = self.self_attention_residual(y, self_attend)
-    y = self.cross_attention_residual(y, cross_attend)
+    if self.cross_attention is not None:
+      y = self.cross_attention_residual(y, cross_attend)
     y = self.ffn_residual(y, self.feed_forward)
     return y, cache

@@ -111,8 +111,10 @@ class Encoder(_Stack):
 class Decoder(_Stack):
   """Sec 3.1: N layers of masked self-attention, encoder-decoder attention and FFN."""
 
-  def __init__(self, cfg: TransformerConfig, embedding: Embedding, *, rngs: nnx.Rngs):
-    super().__init__(cfg, embedding, cfg.num_decoder_layers, DecoderLayer, rngs=rngs)
+  def __init__(self, cfg: TransformerConfig, embedding: Embedding, *, rngs: nnx.Rngs,
+               cross_attention: bool = True):
+    layer = lambda cfg, rngs: DecoderLayer(cfg, rngs=rngs, cross_attention=cross_attention)
+    super().__init__(cfg, embedding, cfg.num_decoder_layers, layer, rngs=rngs)
     self.output_projection = (None if cfg.share_embeddings
                               else OutputProjection(cfg, rngs=rngs))
 
@@ -151,13 +153,17 @@ class Decoder(_Stack):
                tgt_positions: Array | None = None, deterministic: bool = True,
                self_probs_out: list | None = None,
                cross_probs_out: list | None = None) -> Array:
-    """Teacher-forced decoding: tgt_in [B, T] -> logits [B, T, V] float32."""
-    src_valid = src != self.cfg.pad_id
+    """Teacher-forced decoding: tgt_in [B, T] -> logits [B, T, V] float32.
+
+    ``encoded`` and ``src`` are None for a decoder without cross-attention.
+    """
     tgt_valid = tgt_in != self.cfg.pad_id
     self_mask = attention_mask(tgt_valid, tgt_valid, query_segments=tgt_segments,
                                key_segments=tgt_segments, causal=True)
-    cross_mask = attention_mask(tgt_valid, src_valid, query_segments=tgt_segments,
-                                key_segments=src_segments)
+    cross_mask = None
+    if src is not None:
+      cross_mask = attention_mask(tgt_valid, src != self.cfg.pad_id,
+                                  query_segments=tgt_segments, key_segments=src_segments)
     positions = _default_positions(tgt_in, tgt_positions)
     y = self.embed_tokens(tgt_in, positions, deterministic=deterministic)
     for layer in self.layers:

@@ -306,6 +306,7 @@ def abstract_model(workdir: str, vocab_size: int | None = None):
     the nnx.State of Params as ShapeDtypeStructs.
   """
   from flax import nnx
+  from transformer_jax import families
   from transformer_jax import model as model_lib
   config = load_config(workdir)
   if vocab_size is None:
@@ -316,7 +317,7 @@ def abstract_model(workdir: str, vocab_size: int | None = None):
     vocab_size = ckpt.read_meta(steps[-1])['vocab_size']
   cfg = model_lib.TransformerConfig.from_config(config.model, vocab_size)
   model = nnx.eval_shape(
-      lambda: model_lib.Transformer(cfg, rngs=nnx.Rngs(params=0, dropout=0)))
+      lambda: families.build_model(cfg, rngs=nnx.Rngs(params=0, dropout=0)))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   return graphdef, params, rest, config
 

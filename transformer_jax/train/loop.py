@@ -6,6 +6,10 @@ mesh, parameters created already sharded, Adam with the paper's schedule, a
 (resume, preemption), console progress, TensorBoard summaries, dev loss and
 perplexity, and BLEU through ``transformer_jax.evaluate`` at the end.
 
+The same loop trains every model family (``config.model.family``): a task object
+(``tasks.py``) supplies the data, the loss and its summed metrics, FLOPs and any
+extra evaluation (BLEU for translation, accuracy for classification).
+
 The pieces it is built from (``TrainSetup``, ``shard_batch``) are public so
 tests and benchmarks drive the same code.
 
@@ -31,16 +35,20 @@ import optax
 from absl import logging
 from flax import nnx
 
+from transformer_jax import families
 from transformer_jax import model as model_lib
 from transformer_jax import sharding
+from transformer_jax import tasks as tasks_lib
 from transformer_jax.run import checkpoint as checkpoint_lib
 from transformer_jax.train import flops as flops_lib
 from transformer_jax.train import optim
 
 Batch = dict[str, Any]
-# The model inputs of a batch; other keys (e.g. an eval set's 'index') stay on host.
+# The model inputs of any task's batch; other keys (e.g. an eval set's 'index')
+# stay on host.
 BATCH_KEYS = ('inputs', 'targets', 'inputs_segmentation', 'inputs_position',
-              'targets_segmentation', 'targets_position')
+              'targets_segmentation', 'targets_position', 'labels', 'mlm_positions',
+              'mlm_targets')
 
 # ----------------------------------------------------------------------------
 # Sharded state and steps.
@@ -80,6 +88,7 @@ class TrainSetup:
 
   Attributes:
     model_cfg: the TransformerConfig.
+    task: what is trained (``tasks.for_config(config)``): loss, data, evaluation.
     mesh, rules: the device mesh and logical-axis rules.
     graphdef, rest: the model's structure and its non-parameter state (RNG
       streams), which is not trained.
@@ -89,6 +98,7 @@ class TrainSetup:
   """
   config: Any
   model_cfg: model_lib.TransformerConfig
+  task: tasks_lib.Task
   mesh: jax.sharding.Mesh
   rules: sharding.Rules
   graphdef: Any
@@ -105,12 +115,13 @@ class TrainSetup:
     (a TPU topology description in ``dry_run``), so the RNG-stream state the step
     closes over is made on the host instead of on the mesh."""
     model_cfg = model_lib.TransformerConfig.from_config(config.model, vocab_size)
+    task = tasks_lib.for_config(config)
     sharding.check_divides(mesh, num_heads=model_cfg.num_heads, vocab_size=vocab_size,
                            d_ff=model_cfg.ffn_hidden_dim)
     rules = sharding.rules_from_config(config.mesh)
     tx = optim.make_optimizer(config.optim, model_cfg.d_model)
     abstract_model = nnx.eval_shape(
-        lambda: model_lib.Transformer(model_cfg, rngs=nnx.Rngs(params=0, dropout=0)))
+        lambda: families.build_model(model_cfg, rngs=nnx.Rngs(params=0, dropout=0)))
     graphdef, abstract_params, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -126,7 +137,7 @@ class TrainSetup:
     del abstract_rest
     rest = _init_rest(model_cfg, config.seed, jax.sharding.SingleDeviceSharding(
         jax.devices('cpu')[0]) if compile_only else replicated)
-    return cls(config=config, model_cfg=model_cfg, mesh=mesh, rules=rules,
+    return cls(config=config, model_cfg=model_cfg, task=task, mesh=mesh, rules=rules,
                graphdef=graphdef, rest=rest, tx=tx, state_shardings=shardings,
                abstract_state=checkpoint_lib.with_shardings(abstract, shardings))
 
@@ -135,7 +146,7 @@ class TrainSetup:
     model_cfg, tx, seed = self.model_cfg, self.tx, self.config.seed
 
     def init():
-      model = model_lib.Transformer(
+      model = families.build_model(
           model_cfg, rngs=nnx.Rngs(params=jax.random.key(seed), dropout=0))
       params = nnx.state(model, nnx.Param)
       return {'params': params, 'opt_state': tx.init(params),
@@ -160,20 +171,7 @@ class TrainSetup:
   def _loss_fn(self, params, rest, batch: Batch, *, train: bool):
     # Fresh Variables at this trace level: dropout advances its RNG counter.
     model = nnx.merge(self.graphdef, params, rest, copy=True)
-    targets = batch['targets']
-    tgt_in = model_lib.shift_right(
-        targets, batch.get('targets_position'), bos_id=self.model_cfg.bos_id,
-        pad_id=self.model_cfg.pad_id)
-    logits = model(batch['inputs'], tgt_in,
-                   src_segments=batch.get('inputs_segmentation'),
-                   tgt_segments=batch.get('targets_segmentation'),
-                   src_positions=batch.get('inputs_position'),
-                   tgt_positions=batch.get('targets_position'),
-                   deterministic=not train)
-    loss_sum, nll_sum, ntok = optim.label_smoothed_loss(
-        logits, targets, self.config.optim.label_smoothing, self.model_cfg.pad_id)
-    return loss_sum / jnp.maximum(ntok, 1.0), {
-        'loss_sum': loss_sum, 'nll_sum': nll_sum, 'tokens': ntok}
+    return self.task.loss(model, batch, self.config, train=train)
 
   def _train_step(self, state: dict, batch: Batch):
     grad_fn = jax.value_and_grad(functools.partial(self._loss_fn, train=True),
@@ -240,7 +238,7 @@ def _init_rest(model_cfg, seed, out_sharding):
   """The model's RNG-stream state; jit drops the unused parameter initialisers."""
 
   def init():
-    model = model_lib.Transformer(model_cfg, rngs=nnx.Rngs(params=0, dropout=seed + 1))
+    model = families.build_model(model_cfg, rngs=nnx.Rngs(params=0, dropout=seed + 1))
     return nnx.split(model, nnx.Param, ...)[2]
 
   return jax.jit(init, out_shardings=out_sharding)()
@@ -301,7 +299,8 @@ class _Preemption:
 
 def evaluate_loss(setup: TrainSetup, params, eval_set, batch_size: int,
                   max_batches: int = 0) -> dict[str, float]:
-  """Dev loss (label-smoothed) and per-token perplexity (plain NLL), Table 3's PPL.
+  """Dev loss (label-smoothed) and per-token perplexity (plain NLL), Table 3's PPL,
+  plus the task's other summed metrics (e.g. 'accuracy'), see ``tasks.summarize``.
 
   ``eval_set.batches(batch_size)`` yields this process's rows of each global batch.
   """
@@ -310,74 +309,26 @@ def evaluate_loss(setup: TrainSetup, params, eval_set, batch_size: int,
     if max_batches and i >= max_batches:
       break
     sums = jax.device_get(setup.eval_step(params, shard_batch(batch, setup.mesh)))
-    for k in totals:
-      totals[k] += float(sums[k])
-  ntok = max(totals['tokens'], 1.0)
-  return {'loss': totals['loss_sum'] / ntok,
-          'perplexity': float(np.exp(totals['nll_sum'] / ntok)),
-          'tokens': totals['tokens']}
+    for k, value in sums.items():
+      totals[k] = totals.get(k, 0.0) + float(value)
+  return tasks_lib.summarize(totals)
 
 
-def _bleu(setup, params, tokenizer, eval_sets, config, workdir, step, writer,
-          averaged_steps=None):
-  """Dev/test BLEU through transformer_jax.evaluate (beam search, Sec 6.1).
-
-  ``averaged_steps``: the checkpoints ``params`` average, recorded in the results.
-  """
+def _init_from(setup: TrainSetup, workdir: str):
+  """Parameters of ``workdir``'s latest checkpoint (e.g. masked-LM pre-training), laid
+  out on this run's shardings, to start fine-tuning from."""
   try:
-    from transformer_jax import evaluate as evaluate_lib
-  except ImportError:
-    logging.info('transformer_jax.evaluate is not available: skipping BLEU.')
-    return {}
-  if jax.process_count() > 1:
-    # Beam search runs eagerly on this process's arrays; sharded over several
-    # hosts it cannot. The evaluate CLI scores the saved checkpoint instead.
-    logging.info('Skipping BLEU in a %d-process run: run python -m '
-                 'transformer_jax.evaluate --workdir=%s.', jax.process_count(), workdir)
-    return {}
-  model = nnx.merge(setup.graphdef, params, setup.rest)
-  results = {}
-  for split, eval_set in eval_sets.items():
-    scores = evaluate_lib.evaluate_bleu(
-        model, tokenizer, eval_set, config, workdir=workdir, step=step, split=split,
-        max_sentences=config.train.bleu_max_sentences or None,
-        extra={'averaged_steps': averaged_steps} if averaged_steps else None)
-    for name in ('sacrebleu', 'tok_bleu', 'lc_tok_bleu'):
-      if name in scores:
-        results[f'{split}/{name}'] = float(scores[name])
-  logging.info('step %d BLEU: %s', step, results)
-  if writer is not None:
-    _write_scalars(writer, step, results)
-    writer.flush()
-  return results
-
-
-def _final_params(setup: TrainSetup, params, config, workdir: str):
-  """The parameters the final BLEU is computed with.
-
-  Sec 6.1 decodes with the average of the last ``config.eval.average_last``
-  checkpoints; with fewer checkpoints saved than that, the latest parameters.
-  """
-  steps = _averaged_steps(config, workdir)
-  if steps is None:
-    logging.info('Final BLEU with the latest parameters (eval.average_last=%s).',
-                 config.eval.average_last)
-    return params
-  averaged, _, _, _ = checkpoint_lib.restore_params(workdir, average_last=len(steps),
-                                                    mesh=setup.mesh)
-  logging.info('Final BLEU with the average of checkpoints %s (Sec 6.1).', steps)
-  return averaged
-
-
-def _averaged_steps(config, workdir: str) -> list[int] | None:
-  """The last ``eval.average_last`` checkpoints the final BLEU averages; None (the
-  latest parameters) for 1 or when fewer checkpoints were saved."""
-  k = int(config.eval.average_last or 1)
-  if k <= 1:
-    return None
-  steps = checkpoint_lib.TrainCheckpointer(
-      workdir, config.checkpoint, read_only=True).all_steps()
-  return list(steps[-k:]) if len(steps) >= k else None
+    params, _, _, _ = checkpoint_lib.restore_params(workdir, mesh=setup.mesh)
+  except (FileNotFoundError, ValueError) as e:
+    raise ValueError(f'config.train.init_from={workdir!r}: {e}') from e
+  want = checkpoint_lib.param_shapes(setup.abstract_state['params'])
+  got = checkpoint_lib.param_shapes(params)
+  if want != got:
+    diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+    raise checkpoint_lib.IncompatibleCheckpointError(
+        f'config.train.init_from={workdir!r} holds a different model: e.g. {diff[0]!r} '
+        f'is {got.get(diff[0])} there and {want.get(diff[0])} here.')
+  return jax.device_put(params, setup.state_shardings['params'])
 
 
 def write_config(config, workdir: str) -> None:
@@ -398,8 +349,7 @@ def _summary_writer(workdir: str):
 
 
 def _get_datasets(config, workdir, batch_multiple):
-  from transformer_jax.data import pipeline
-  return pipeline.get_datasets(
+  return tasks_lib.for_config(config).get_datasets(
       config, workdir, process_index=jax.process_index(),
       process_count=jax.process_count(), batch_multiple=batch_multiple)
 
@@ -434,6 +384,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     state = setup.init_state()
     logging.info('Initialised %s parameters on mesh %s.', f'{_count(state["params"]):,}',
                  dict(mesh.shape))
+    init_from = config.train.get('init_from')
+    if init_from:
+      params = _init_from(setup, init_from)
+      state = {'params': params, 'opt_state': jax.jit(
+          setup.tx.init, out_shardings=setup.state_shardings['opt_state'])(params),
+               'step': state['step']}
+      logging.info('Parameters initialised from the latest checkpoint of %s.', init_from)
   else:
     params, opt_state, data_state, _ = ckpt.restore(
         latest, setup.abstract_state['params'], setup.abstract_state['opt_state'], meta)
@@ -471,9 +428,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         jax.block_until_ready(sums)
         window_start, window_flops, skip_tokens = time.time(), 0.0, step
       else:
-        b, s = batch['inputs'].shape
-        window_flops += flops_lib.train_flops(setup.model_cfg, b, s,
-                                              batch['targets'].shape[1])
+        window_flops += setup.task.train_flops(setup.model_cfg, batch)
       pending.append((step, sums))
       if profiler is not None:
         profiler(step - skip_tokens, step)
@@ -498,18 +453,23 @@ def train_and_evaluate(config, workdir: str) -> dict:
             'train/loss': loss, 'train/perplexity': float(np.exp(nll)),
             'train/learning_rate': setup.learning_rate(step - 1),
             'train/grad_norm': float(fetched[-1]['grad_norm'])}
+        extra = {k: v for k, v in tasks_lib.summarize(
+            {k: sum(float(m[k]) for m in fetched) for k in fetched[-1]}).items()
+                 if k not in ('loss', 'perplexity', 'nll', 'tokens')}
+        metrics.update({f'train/{k}': v for k, v in extra.items()})
         speed = 'compiling'
         if timed:
           metrics['train/tokens_per_second'] = timed_tokens / elapsed
           metrics['train/step_seconds'] = elapsed / len(timed)
-          speed = (f'{timed_tokens / elapsed:,.0f} target tokens/s, '
+          speed = (f'{timed_tokens / elapsed:,.0f} {setup.task.unit}/s, '
                    f'{elapsed / len(timed):.3g} s/step')
           if peak:
             metrics['train/mfu'] = window_flops / elapsed / (peak * jax.device_count())
             speed += f', MFU {100 * metrics["train/mfu"]:.1f}%'
           speed += f', ETA {_eta((total_steps - step) * elapsed / len(timed))}'
-        logging.info('step %d/%d (update %d) loss %.4f ppl %.2f lr %.3g %s', step,
+        logging.info('step %d/%d (update %d) loss %.4f ppl %.2f%s lr %.3g %s', step,
                      total_steps, step // accum, loss, np.exp(nll),
+                     ''.join(f' {k} {v:.4f}' for k, v in extra.items()),
                      metrics['train/learning_rate'], speed)
         if writer is not None:
           _write_scalars(writer, step, metrics)
@@ -519,15 +479,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
       # Time spent evaluating and saving is not step time: shift the window.
       pause_start = time.time()
       every_eval = config.train.eval_every_steps
-      if eval_sets and every_eval and (step % every_eval == 0 or step == total_steps):
+      if eval_sets and every_eval and (step % every_eval == 0 or step == total_steps
+                                       or out_of_time):
         eval_metrics = evaluate_loss(
             setup, state['params'], eval_sets['validation'],
             config.data.eval_batch_size, config.train.eval_max_batches)
-        logging.info('step %d dev loss %.4f dev ppl %.2f', step, eval_metrics['loss'],
-                     eval_metrics['perplexity'])
+        extra = {k: v for k, v in eval_metrics.items()
+                 if k not in ('loss', 'perplexity', 'nll', 'tokens')}
+        logging.info('step %d dev loss %.4f dev ppl %.2f%s', step, eval_metrics['loss'],
+                     eval_metrics['perplexity'],
+                     ''.join(f' dev {k} {v:.4f}' for k, v in extra.items()))
         if writer is not None:
           _write_scalars(writer, step, {'eval/loss': eval_metrics['loss'],
-                                      'eval/perplexity': eval_metrics['perplexity']})
+                                        'eval/perplexity': eval_metrics['perplexity'],
+                                        **{f'eval/{k}': v for k, v in extra.items()}})
           writer.flush()
 
       if stop or step == total_steps or ckpt.should_save(step):
@@ -544,7 +509,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         break
       every_bleu = config.train.bleu_every_steps
       if every_bleu > 0 and step % every_bleu == 0 and step != total_steps:
-        _bleu(setup, state['params'], tokenizer, eval_sets, config, workdir, step, writer)
+        setup.task.extra_eval(setup, state['params'], tokenizer, eval_sets, config,
+                              workdir, step, writer, final=False)
       window_start += time.time() - pause_start
   finally:
     preemption.restore()
@@ -553,9 +519,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   bleu = {}
   if ((step >= total_steps or out_of_time) and eval_sets
       and config.train.bleu_every_steps >= 0):
-    bleu = _bleu(setup, _final_params(setup, state['params'], config, workdir), tokenizer,
-                 eval_sets, config, workdir, step, writer,
-                 averaged_steps=_averaged_steps(config, workdir))
+    bleu = setup.task.extra_eval(setup, state['params'], tokenizer, eval_sets, config,
+                                 workdir, step, writer, final=True)
   if writer is not None:
     writer.close()
   return {'step': step, 'train_loss': history, 'eval': eval_metrics, 'bleu': bleu,

@@ -1,0 +1,197 @@
+"""Sampling from a decoder-only language model with its KV cache.
+
+``sample_tokens(step_fn, cache, prompts, prompt_lengths, ...)`` is a pure function
+of a step function and a cache (as beam search is), so it jits once per shape:
+
+* the prompts (right-padded, of different lengths) are fed one position at a time
+  through the same cached step as the generated tokens: at position t a row whose
+  prompt is longer than t + 1 takes its next prompt token, every other row the
+  token chosen from the step's logits. One loop serves every prompt length.
+* choosing: greedy (``temperature=0``) or a draw from softmax(logits / temperature)
+  restricted to the ``top_k`` most likely tokens and/or to the smallest set whose
+  probability reaches ``top_p`` (nucleus sampling, Holtzman et al. 2020).
+
+``Sampler`` wraps a restored ``LanguageModel`` and its vocabulary: text in, text out.
+Shapes: B rows, P the longest prompt, N new tokens, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+StepFn = Callable[[Array, Any], tuple[Array, Any]]
+
+
+def filter_logits(logits: Array, *, top_k: int = 0, top_p: float = 1.0) -> Array:
+  """Sets logits outside the top-k / top-p set to -inf.
+
+  Args:
+    logits: [B, V] float32 (already divided by the temperature).
+    top_k: keep the k largest per row; 0 keeps all.
+    top_p: keep the smallest set of largest logits whose probability reaches
+      ``top_p`` (the most likely token always stays); 1.0 keeps all.
+
+  Returns:
+    [B, V] float32.
+  """
+  neg_inf = jnp.asarray(-jnp.inf, logits.dtype)
+  if top_k and top_k < logits.shape[-1]:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [B, 1]
+    logits = jnp.where(logits < kth, neg_inf, logits)
+  if top_p < 1.0:
+    ordered = jnp.sort(logits, axis=-1)[:, ::-1]  # [B, V] descending
+    probs = jax.nn.softmax(ordered, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # Probability of the larger ones.
+    keep = before < top_p
+    threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < threshold, neg_inf, logits)
+  return logits
+
+
+def choose(logits: Array, key: Array, *, temperature: float, top_k: int,
+           top_p: float) -> Array:
+  """[B, V] logits -> [B] int32 tokens: argmax at temperature 0, else a draw."""
+  if temperature <= 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = filter_logits(logits.astype(jnp.float32) / temperature, top_k=top_k,
+                         top_p=top_p)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def sample_tokens(step_fn: StepFn, cache, prompts: Array, prompt_lengths: Array, *,
+                  max_new_tokens: int, key: Array, temperature: float = 1.0,
+                  top_k: int = 0, top_p: float = 1.0) -> Array:
+  """Continues each prompt by ``max_new_tokens`` tokens (traceable; jit it).
+
+  Args:
+    step_fn: (token [B], cache) -> (logits [B, V] for the next position, cache).
+    cache: the model's empty cache for B rows and at least P + N positions.
+    prompts: [B, P] int32, right-padded.
+    prompt_lengths: [B] int32, each >= 1.
+    max_new_tokens: N.
+    key: PRNG key; step t draws with ``fold_in(key, t)``.
+    temperature, top_k, top_p: as in :func:`choose`.
+
+  Returns:
+    [B, P + N] int32: row b holds its prompt and then its N new tokens in
+    positions [0, prompt_lengths[b] + N); later positions are filler.
+  """
+  batch, width = prompts.shape
+  total = width + max_new_tokens
+  tokens = jnp.pad(prompts.astype(jnp.int32), ((0, 0), (0, max_new_tokens)))
+
+  def body(t, carry):
+    tokens, cache = carry
+    logits, cache = step_fn(jax.lax.dynamic_index_in_dim(tokens, t, 1, False), cache)
+    chosen = choose(logits, jax.random.fold_in(key, t), temperature=temperature,
+                    top_k=top_k, top_p=top_p)
+    current = jax.lax.dynamic_index_in_dim(tokens, t + 1, 1, False)  # [B]
+    nxt = jnp.where(t + 1 < prompt_lengths, current, chosen)
+    tokens = jax.lax.dynamic_update_index_in_dim(tokens, nxt, t + 1, 1)
+    return tokens, cache
+
+  del batch
+  tokens, _ = jax.lax.fori_loop(0, total - 1, body, (tokens, cache))
+  return tokens
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(graphdef, max_new_tokens: int, temperature: float, top_k: int,
+              top_p: float):
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  def run(state, prompts, prompt_lengths, key):
+    model = nnx.merge(graphdef, state)
+    cache = model.init_cache(prompts.shape[0], prompts.shape[1] + max_new_tokens)
+    return sample_tokens(model.decode_step, cache, prompts, prompt_lengths,
+                         max_new_tokens=max_new_tokens, key=key,
+                         temperature=temperature, top_k=top_k, top_p=top_p)
+
+  return jax.jit(run)
+
+
+class Sampler:
+  """Text continuation with a restored ``LanguageModel`` and its vocabulary.
+
+  Example::
+
+    sampler = Sampler(model, vocab)
+    sampler.sample(['ROMEO:', 'JULIET:'], max_new_tokens=200, temperature=0.8,
+                   top_k=40, seed=0)  # -> two strings, prompt included
+  """
+
+  def __init__(self, model, vocab):
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+    if model.cfg.family != 'decoder_only':
+      raise ValueError(f'Sampling needs a decoder_only model, got family '
+                       f'{model.cfg.family!r}.')
+    self.model, self.vocab = model, vocab
+    self.graphdef, self.state = nnx.split(model)
+
+  def sample_ids(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 seed: int = 0) -> list[list[int]]:
+    """Each prompt's ids followed by its ``max_new_tokens`` new ids."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+      raise ValueError('Every prompt needs at least one token (e.g. "\\n").')
+    if max_new_tokens < 1:
+      raise ValueError(f'max_new_tokens must be >= 1, got {max_new_tokens}.')
+    if not 0.0 < top_p <= 1.0 or top_k < 0 or temperature < 0:
+      raise ValueError(f'Need temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got '
+                       f'{temperature}, {top_k}, {top_p}.')
+    width = max(len(p) for p in prompts)
+    cfg = self.model.cfg
+    if cfg.positions == 'learned' and width + max_new_tokens > cfg.max_len:
+      raise ValueError(f'Prompt ({width}) + max_new_tokens ({max_new_tokens}) exceed the '
+                       f"model's {cfg.max_len} learned positions.")
+    padded = np.zeros((len(prompts), width), np.int32)
+    for row, ids in enumerate(prompts):
+      padded[row, :len(ids)] = ids
+    lengths = np.asarray([len(p) for p in prompts], np.int32)
+    run = _compiled(self.graphdef, int(max_new_tokens), float(temperature), int(top_k),
+                    float(top_p))
+    tokens = np.asarray(run(self.state, padded, lengths, jax.random.key(seed)))
+    return [tokens[r, :lengths[r] + max_new_tokens].tolist() for r in range(len(prompts))]
+
+  def sample(self, prompts: Sequence[str], *, max_new_tokens: int,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             seed: int = 0) -> list[str]:
+    """Each prompt followed by its continuation, as text."""
+    ids = self.sample_ids([self.vocab.encode(p) for p in prompts],
+                          max_new_tokens=max_new_tokens, temperature=temperature,
+                          top_k=top_k, top_p=top_p, seed=seed)
+    return [self.vocab.decode(row) for row in ids]
+
+
+def load_sampler(workdir: str, *, step: int | None = None) -> Sampler:
+  """A ``Sampler`` for a decoder-only training workdir (latest checkpoint by default)."""
+  import os  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from transformer_jax import char_text  # pylint: disable=g-import-not-at-top
+  from transformer_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax.translate import _concrete  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f'Workdir {workdir} does not exist.')
+  config = checkpoint_lib.load_config(workdir)
+  if config.model.get('family') != 'decoder_only':
+    raise ValueError(f'{workdir} holds a {config.model.get("family", "encoder_decoder")} '
+                     'model; sampling needs a decoder_only one (e.g. '
+                     'configs/lm_shakespeare.py).')
+  params, graphdef, rest, _ = checkpoint_lib.restore_params(workdir, step=step)
+  model = nnx.merge(graphdef, params, jax.tree.map(_concrete, rest))
+  vocab_path = os.path.join(workdir, char_text.VOCAB_FILE)
+  if not os.path.exists(vocab_path):
+    raise FileNotFoundError(f'Vocabulary {vocab_path} not found.')
+  vocab = char_text.CharVocabulary.load(vocab_path)
+  if vocab.vocab_size != model.cfg.vocab_size:
+    raise ValueError(f'{vocab_path} has {vocab.vocab_size} ids but the checkpoint has a '
+                     f'{model.cfg.vocab_size}-token embedding.')
+  return Sampler(model, vocab)
+
