@@ -68,19 +68,16 @@ class Classifier:
 
 def load_classifier(workdir: str, *, step: int | None = None) -> Classifier:
   """A ``Classifier`` for an encoder-only training workdir (latest checkpoint)."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from transformer_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   from transformer_jax import sentences as sentences_lib  # pylint: disable=g-import-not-at-top
   from transformer_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-  from transformer_jax.translate import _concrete  # pylint: disable=g-import-not-at-top
-  if not os.path.isdir(workdir):
-    raise FileNotFoundError(f'Workdir {workdir} does not exist.')
-  config = checkpoint_lib.load_config(workdir)
-  if config.model.get('family') != 'encoder_only':
-    raise ValueError(f'{workdir} holds a {config.model.get("family", "encoder_decoder")} '
-                     'model; classify needs an encoder_only one (configs/sst2.py).')
-  params, graphdef, rest, config = checkpoint_lib.restore_params(workdir, step=step)
-  model = nnx.merge(graphdef, params, jax.tree.map(_concrete, rest))
+  from transformer_jax.run import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  wd = workdir_lib.Workdir.open(workdir)
+  config = wd.config
+  family = config.model.get('family', 'encoder_decoder')
+  if family != 'encoder_only':
+    raise ValueError(f'{workdir} holds a {family} model; classify needs an encoder_only '
+                     'one (configs/sst2.py).')
+  model = wd.model(wd.restore(step))
   path = sentences_lib.vocab_path(config, workdir)
   vocab = sentences_lib.SentenceVocabulary(tokenizer_lib.Tokenizer(path))
   if vocab.vocab_size != model.cfg.vocab_size:

@@ -171,21 +171,21 @@ class Sampler:
 
 
 def load_sampler(workdir: str, *, step: int | None = None) -> Sampler:
-  """A ``Sampler`` for a decoder-only training workdir (latest checkpoint by default)."""
+  """A ``Sampler`` for a decoder-only training workdir (latest checkpoint by default).
+
+  Raises:
+    FileNotFoundError, ValueError: no such run, checkpoint or vocabulary; not a
+      decoder-only run.
+  """
   import os  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
   from transformer_jax import char_text  # pylint: disable=g-import-not-at-top
-  from transformer_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  from transformer_jax.translate import _concrete  # pylint: disable=g-import-not-at-top
-  if not os.path.isdir(workdir):
-    raise FileNotFoundError(f'Workdir {workdir} does not exist.')
-  config = checkpoint_lib.load_config(workdir)
-  if config.model.get('family') != 'decoder_only':
-    raise ValueError(f'{workdir} holds a {config.model.get("family", "encoder_decoder")} '
-                     'model; sampling needs a decoder_only one (e.g. '
-                     'configs/lm_shakespeare.py).')
-  params, graphdef, rest, _ = checkpoint_lib.restore_params(workdir, step=step)
-  model = nnx.merge(graphdef, params, jax.tree.map(_concrete, rest))
+  from transformer_jax.run import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  wd = workdir_lib.Workdir.open(workdir)
+  family = wd.config.model.get('family', 'encoder_decoder')
+  if family != 'decoder_only':
+    raise ValueError(f'{workdir} holds a {family} model; sampling needs a decoder_only '
+                     'one (e.g. configs/lm_shakespeare.py).')
+  model = wd.model(wd.restore(step))
   vocab_path = os.path.join(workdir, char_text.VOCAB_FILE)
   if not os.path.exists(vocab_path):
     raise FileNotFoundError(f'Vocabulary {vocab_path} not found.')

@@ -208,7 +208,7 @@ class Workdir:
   # The model.
 
   def abstract_model(self, vocab_size: int):
-    """The run's Transformer with shape-only arrays.
+    """The run's model (of its ``config.model.family``) with shape-only arrays.
 
     Returns:
       ``(graphdef, abstract_params, rest)``: ``abstract_params`` is the nnx.State
@@ -216,10 +216,11 @@ class Workdir:
     """
     if vocab_size not in self._abstract:
       from flax import nnx
+      from transformer_jax import families
       from transformer_jax import model as model_lib
       cfg = model_lib.TransformerConfig.from_config(self.config.model, vocab_size)
       model = nnx.eval_shape(
-          lambda: model_lib.Transformer(cfg, rngs=nnx.Rngs(params=0, dropout=0)))
+          lambda: families.build_model(cfg, rngs=nnx.Rngs(params=0, dropout=0)))
       self._abstract[vocab_size] = nnx.split(model, nnx.Param, ...)
     return self._abstract[vocab_size]
 
@@ -268,7 +269,7 @@ class Workdir:
     return Restored(total, step, meta, list(steps))
 
   def model(self, restored: Restored):
-    """The Transformer holding the parameters :meth:`restore` returned."""
+    """The model (Transformer, LanguageModel, ...) holding :meth:`restore`'s parameters."""
     from flax import nnx
     graphdef, _, rest = self.abstract_model(int(restored.meta['vocab_size']))
     return nnx.merge(graphdef, restored.params, jax.tree.map(_concrete, rest))

@@ -317,8 +317,9 @@ def evaluate_loss(setup: TrainSetup, params, eval_set, batch_size: int,
 def _init_from(setup: TrainSetup, workdir: str):
   """Parameters of ``workdir``'s latest checkpoint (e.g. masked-LM pre-training), laid
   out on this run's shardings, to start fine-tuning from."""
+  from transformer_jax.run import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   try:
-    params, _, _, _ = checkpoint_lib.restore_params(workdir, mesh=setup.mesh)
+    params = workdir_lib.Workdir.open(workdir).restore(mesh=setup.mesh).params
   except (FileNotFoundError, ValueError) as e:
     raise ValueError(f'config.train.init_from={workdir!r}: {e}') from e
   want = checkpoint_lib.param_shapes(setup.abstract_state['params'])

@@ -1,0 +1,180 @@
+"""Tests for the encoder-only family: classifier.py, sentences.py, the classification
+and masked-LM tasks.
+
+* BERT masking: ~15% of the real tokens are chosen (never [CLS] or padding), of them
+  ~80% become [MASK], ~10% a random piece and ~10% stay; targets are the originals.
+* Pooling ([CLS] and masked mean) ignores padding: the same sentence padded to two
+  lengths gives the same sentence vector and logits.
+* The classification loss and accuracy of known logits equal their hand-computed values.
+* A train step on meshes (8,1,1) and (2,2,2) equals the single-device step (loss,
+  parameters), for classification and masked-LM batches.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import sst2
+from transformer_jax import families
+from transformer_jax import model as model_lib
+from transformer_jax import sentences
+from transformer_jax import sharding
+from transformer_jax import tasks
+from transformer_jax import train
+
+VOCAB = 64  # 63 pieces + [MASK].
+MASK = VOCAB - 1
+
+
+def test_masking_statistics():
+  rng = np.random.default_rng(0)
+  rows, length = 4000, 40
+  ids = np.zeros((rows, length), np.int32)
+  lengths = rng.integers(5, length + 1, size=rows)
+  for r, n in enumerate(lengths):
+    ids[r, 0] = 2  # [CLS]
+    ids[r, 1:n] = rng.integers(4, MASK, size=n - 1)
+  corrupted, positions, targets = sentences.mask_tokens(
+      ids, np.random.default_rng(1), mask_id=MASK, vocab_size=VOCAB)
+  chosen = targets != 0
+  real = int((ids[:, 1:] != 0).sum())
+  assert abs(chosen.sum() / real - 0.15) < 0.01
+  rows_idx = np.nonzero(chosen)[0]
+  pos = positions[chosen]
+  assert (pos > 0).all() and (ids[rows_idx, pos] != 0).all()  # Never [CLS] or padding.
+  np.testing.assert_array_equal(targets[chosen], ids[rows_idx, pos])
+  new = corrupted[rows_idx, pos]
+  masked = np.mean(new == MASK)
+  kept = np.mean(new == ids[rows_idx, pos])
+  random = 1 - masked - kept
+  assert abs(masked - 0.8) < 0.02 and abs(kept - 0.1) < 0.015 and abs(random - 0.1) < 0.015
+  assert ((new >= 4) & (new <= MASK)).all()
+  # Positions not chosen are untouched.
+  untouched = np.ones_like(ids, bool)
+  untouched[rows_idx, pos] = False
+  np.testing.assert_array_equal(corrupted[untouched], ids[untouched])
+
+
+def _cfg(**overrides):
+  values = dict(vocab_size=VOCAB, family='encoder_only', num_encoder_layers=2, d_model=32,
+                num_heads=4, d_ff=64, dropout_rate=0.0, layer_norm='pre', max_len=32,
+                positions='learned', num_classes=3)
+  values.update(overrides)
+  return model_lib.TransformerConfig(**values)
+
+
+@pytest.mark.parametrize('pooling', ['cls', 'mean'])
+def test_pooling_ignores_padding(pooling):
+  model = families.build_model(_cfg(pooling=pooling), rngs=nnx.Rngs(0))
+  short = jnp.asarray([[2, 9, 17, 33, 5, 0, 0, 0], [2, 40, 0, 0, 0, 0, 0, 0]], jnp.int32)
+  long = jnp.pad(short, ((0, 0), (0, 8)))
+  np.testing.assert_allclose(model.sentence_embedding(short),
+                             model.sentence_embedding(long), atol=1e-5)
+  np.testing.assert_allclose(model(short), model(long), atol=1e-5)
+  if pooling == 'mean':
+    encoded = model.encode(short)
+    np.testing.assert_allclose(model.sentence_embedding(short)[0],
+                               encoded[0, :5].mean(axis=0), atol=1e-5)
+
+
+class _FixedLogits:
+  """Stands in for a classifier whose logits are given."""
+
+  def __init__(self, logits):
+    self.logits, self.cfg = jnp.asarray(logits, jnp.float32), _cfg()
+
+  def __call__(self, ids, deterministic=True):
+    del ids, deterministic
+    return self.logits
+
+  def masked_lm(self, ids, positions, deterministic=True):
+    del ids, positions, deterministic
+    return self.logits
+
+
+def test_classification_loss_on_a_known_example():
+  # Row 0: p(label 1) = 3 / (1 + 3) -> ln(4/3), correct. Row 1: uniform over 2
+  # -> ln 2, argmax ties go to label 0 = correct. Row 2: padding (label -1).
+  logits = [[0.0, math.log(3.0)], [0.0, 0.0], [5.0, 1.0]]
+  batch = {'inputs': jnp.zeros((3, 4), jnp.int32),
+           'labels': jnp.asarray([[1], [0], [-1]], jnp.int32)}
+  config = sst2.get_config()
+  loss, sums = tasks.ClassificationTask().loss(_FixedLogits(logits), batch, config,
+                                               train=False)
+  np.testing.assert_allclose(float(loss), (math.log(4 / 3) + math.log(2)) / 2, rtol=1e-6)
+  metrics = tasks.summarize(jax.device_get(sums))
+  assert metrics['tokens'] == 2 and metrics['accuracy'] == 1.0
+
+
+def test_masked_lm_loss_on_a_known_example():
+  # Two scored slots of one row (target 0 = unused slot): uniform -> ln 4, and
+  # id 3 with 3 / (1 + 1 + 1 + 3) -> ln 2.
+  logits = [[[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, math.log(3.0)], [0.0, 9.0, 0.0, 0.0]]]
+  batch = {'inputs': jnp.zeros((1, 6), jnp.int32),
+           'mlm_positions': jnp.asarray([[1, 3, 0]], jnp.int32),
+           'mlm_targets': jnp.asarray([[2, 3, 0]], jnp.int32)}
+  loss, sums = tasks.MaskedLMTask().loss(_FixedLogits(logits), batch, sst2.get_config('mlm'),
+                                         train=False)
+  np.testing.assert_allclose(float(loss), (math.log(4) + math.log(2)) / 2, rtol=1e-6)
+  assert float(sums['correct']) == 1.0  # Slot 2's argmax is id 3.
+
+
+def _config(task, sizes):
+  config = sst2.get_config('mlm' if task == 'mlm' else None)
+  m = config.model
+  m.num_encoder_layers, m.d_model, m.num_heads, m.d_ff, m.max_len = 1, 32, 8, 64, 16
+  m.head_dim = 4
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = sizes
+  return config
+
+
+def _batches(task, rows=8, length=12):
+  rng = np.random.default_rng(0)
+  out = []
+  for _ in range(2):
+    ids = np.zeros((rows, length), np.int32)
+    for r in range(rows):
+      n = rng.integers(3, length + 1)
+      ids[r, 0], ids[r, 1:n] = 2, rng.integers(4, MASK, size=n - 1)
+    if task == 'mlm':
+      corrupted, positions, targets = sentences.mask_tokens(
+          ids, rng, mask_id=MASK, vocab_size=VOCAB, max_predictions=3)
+      out.append({'inputs': corrupted, 'mlm_positions': positions, 'mlm_targets': targets})
+    else:
+      out.append({'inputs': ids, 'labels': rng.integers(0, 2, (rows, 1)).astype(np.int32)})
+  return out
+
+
+def _run(task, sizes, initial=None):
+  config = _config(task, sizes)
+  mesh = sharding.create_mesh(config.mesh, jax.devices()[:int(np.prod(sizes))])
+  setup = train.TrainSetup.create(config, VOCAB, mesh)
+  if initial is None:
+    initial = jax.device_get(setup.init_state())
+  state = jax.device_put(initial, setup.state_shardings)
+  losses = []
+  for batch in _batches(task):
+    state, sums = setup.train_step(state, train.shard_batch(batch, mesh))
+    losses.append(float(sums['loss_sum'] / sums['tokens']))
+  return losses, jax.device_get(state), initial, setup
+
+
+@pytest.mark.parametrize('task', ['classification', 'mlm'])
+def test_sharded_step_equals_one_device(task):
+  ref_losses, ref_state, initial, setup = _run(task, (1, 1, 1))
+  losses, state, _, _ = _run(task, (2, 2, 2), initial)
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  lr_total = sum(setup.learning_rate(s) for s in range(2))
+  flat = jax.tree_util.tree_flatten_with_path(ref_state['params'])[0]
+  for (path, want), got in zip(flat, jax.tree.leaves(state['params'])):
+    name = jax.tree_util.keystr(path)
+    if 'key_bias' in name:
+      # softmax ignores a key bias: its gradient is 0 up to round-off, whose sign
+      # Adam turns into +-lr (as in test_train).
+      assert np.abs(got - want).max() <= 2 * lr_total + 1e-6, name
+    else:
+      np.testing.assert_allclose(got, want, atol=2e-5, err_msg=name)
