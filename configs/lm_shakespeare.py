@@ -32,6 +32,7 @@ def get_config(arg=None):
 
   d = config.data
   d.source = 'char_text'
+  d.vocab_size = 72  # 65 characters + 4 specials, to a multiple of 8 (dry runs read it).
   d.text_path = '../shared/data/tinyshakespeare/input.txt.gz'  # Relative to the cwd.
   d.train_fraction = 0.9  # nanoGPT's split: first 90% train, last 10% validation.
   d.context_length = 128  # T: characters per window.

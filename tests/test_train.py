@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import tiny
 from transformer_jax import sharding
+from transformer_jax import tasks
 from transformer_jax.run import checkpoint as checkpoint_lib
 from transformer_jax.train import flops
 from transformer_jax.train import loop as train
@@ -342,7 +343,7 @@ def test_final_bleu_params_average_the_last_checkpoints(runs, shared_data):
       full_dir, config.checkpoint, read_only=True).all_steps()
   assert steps[-3:] == [2, 4, 6]
   config.eval.average_last = 3  # Sec 6.1: average the last checkpoints.
-  averaged = _named_leaves(jax.device_get(train._final_params(setup, params, config,
+  averaged = _named_leaves(jax.device_get(tasks._final_params(setup, params, config,
                                                               full_dir)))
   each = [_named_leaves(jax.device_get(
       checkpoint_lib.restore_params(full_dir, step=s)[0])) for s in (2, 4, 6)]
@@ -352,9 +353,9 @@ def test_final_bleu_params_average_the_last_checkpoints(runs, shared_data):
   latest = _named_leaves(jax.device_get(params))
   assert any(not np.allclose(averaged[n], latest[n]) for n in latest)
   config.eval.average_last = 1  # No averaging: the live parameters themselves.
-  assert train._final_params(setup, params, config, full_dir) is params
+  assert tasks._final_params(setup, params, config, full_dir) is params
   config.eval.average_last = len(steps) + 1  # Too few checkpoints: the latest.
-  assert train._final_params(setup, params, config, full_dir) is params
+  assert tasks._final_params(setup, params, config, full_dir) is params
 
 
 def test_time_budget_stops_saves_averages_and_evaluates(runs, shared_data, tmp_path,
@@ -376,7 +377,7 @@ def test_time_budget_stops_saves_averages_and_evaluates(runs, shared_data, tmp_p
     calls.append((jax.device_get(params), step, averaged_steps))
     return {'validation/sacrebleu': 0.0}
 
-  monkeypatch.setattr(train, '_bleu', fake_bleu)
+  monkeypatch.setattr(tasks, '_bleu', fake_bleu)
   result = train.train_and_evaluate(config, workdir)
   assert result['step'] == 7 and result['out_of_time']
   assert sorted(result['train_loss']) == [7]

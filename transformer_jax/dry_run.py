@@ -306,13 +306,17 @@ def run(config, *, devices: Sequence | None = None, vocab_size: int | None = Non
 
   mesh = sharding.create_mesh(config.mesh, devices)
   vocab_size = int(vocab_size or config.data.vocab_size)
-  b, length = batch_shape(config, mesh, length)
-  sharding.check_divides(mesh, global_batch=b)
   setup = train.TrainSetup.create(config, vocab_size, mesh, compile_only=compile_only)
-  keys = (('inputs', 'targets') if not config.data.packing else train.BATCH_KEYS)
-  batch_spec = sharding.batch_sharding(mesh, 2)
-  batch = {k: jax.ShapeDtypeStruct((b, length), jnp.int32, sharding=batch_spec)
-           for k in keys}
+  if setup.task.name == 'translation':
+    b, length = batch_shape(config, mesh, length)
+    sharding.check_divides(mesh, global_batch=b)
+    keys = (('inputs', 'targets') if not config.data.packing else train.BATCH_KEYS)
+    batch_spec = sharding.batch_sharding(mesh, 2)
+    batch = {k: jax.ShapeDtypeStruct((b, length), jnp.int32, sharding=batch_spec)
+             for k in keys}
+  else:  # The other families' batches: the task knows their shapes.
+    batch = setup.task.abstract_batch(config, mesh)
+    b, length = batch['inputs'].shape
   compiled = setup.compiled_train_step(batch)
   state = setup.abstract_state
   chip = topology.chip_spec(list(mesh.devices.flat))
@@ -327,10 +331,14 @@ def run(config, *, devices: Sequence | None = None, vocab_size: int | None = Non
       opt_state_bytes=_shard_bytes(state['opt_state']),
       cost=CompiledCost.of(compiled),
       param_shardings=_param_shardings(state['params']),
-      model_flops=flops.train_flops(setup.model_cfg, b, length, length),
+      model_flops=(flops.train_flops(setup.model_cfg, b, length, length)
+                   if setup.task.name == 'translation'
+                   else setup.task.train_flops(setup.model_cfg, batch)),
       hbm_bytes=chip.hbm_bytes if chip else None,
       peak_flops=chip.peak_flops if chip else None,
-      decode=_compile_decode(config, setup, length) if decode else None,
+      # Beam search is translation's; the other families have no search to compile.
+      decode=(_compile_decode(config, setup, length)
+              if decode and setup.task.name == 'translation' else None),
   )
 
 

@@ -6,6 +6,7 @@ the loop; a task supplies what differs between families:
   get_datasets   vocabulary, endless training iterator, evaluation sets
   loss           (scalar to minimise, summed metrics) for a model and a batch
   train_flops    FLOPs of one train step on a batch (for MFU)
+  abstract_batch the largest global training batch as shapes (for dry runs)
   extra_eval     evaluation beyond the summed dev metrics (BLEU for translation)
 
 Summed metrics always hold 'loss_sum', 'nll_sum' and 'tokens' (what both sums are
@@ -63,6 +64,17 @@ class Task:
   def train_flops(self, model_cfg, batch: Batch) -> float:
     raise NotImplementedError
 
+  def abstract_batch(self, config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """The largest global training batch: int32 shapes split over the batch axes."""
+    from transformer_jax import sharding  # pylint: disable=g-import-not-at-top
+    shapes = self._batch_shapes(config, mesh)
+    sharding.check_divides(mesh, global_batch=next(iter(shapes.values()))[0])
+    spec = sharding.batch_sharding(mesh, 2)
+    return {k: jax.ShapeDtypeStruct(v, jnp.int32, sharding=spec) for k, v in shapes.items()}
+
+  def _batch_shapes(self, config, mesh) -> dict[str, tuple[int, int]]:
+    raise NotImplementedError
+
   def extra_eval(self, setup, params, vocab, eval_sets, config, workdir: str, step: int,
                  writer, *, final: bool) -> dict[str, float]:
     del setup, params, vocab, eval_sets, config, workdir, step, writer, final
@@ -103,6 +115,12 @@ class TranslationTask(Task):
     from transformer_jax.train import flops as flops_lib  # pylint: disable=g-import-not-at-top
     b, s = batch['inputs'].shape
     return flops_lib.train_flops(model_cfg, b, s, batch['targets'].shape[1])
+
+  def _batch_shapes(self, config, mesh):
+    from transformer_jax import dry_run  # pylint: disable=g-import-not-at-top
+    b, length = dry_run.batch_shape(config, mesh)
+    keys = self.batch_keys if config.data.packing else ('inputs', 'targets')
+    return {k: (b, length) for k in keys}
 
   def extra_eval(self, setup, params, vocab, eval_sets, config, workdir, step, writer, *,
                  final):
@@ -231,6 +249,10 @@ class LanguageModelTask(Task):
     forward += t * 2 * model_cfg.d_model * model_cfg.vocab_size
     return 3.0 * b * forward
 
+  def _batch_shapes(self, config, mesh):
+    shape = (int(config.data.batch_size), int(config.data.context_length))
+    return {'inputs': shape, 'targets': shape}
+
 
 class _SentenceTask(Task):
   """Shared data of the encoder-only tasks (labelled sentences, SentencePiece)."""
@@ -318,6 +340,10 @@ class ClassificationTask(_SentenceTask):
     b, s = batch['inputs'].shape
     return 3.0 * b * model_cfg.num_encoder_layers * _layer_flops(model_cfg, s)
 
+  def _batch_shapes(self, config, mesh):
+    b = int(config.data.batch_size)
+    return {'inputs': (b, int(config.data.max_length)), 'labels': (b, 1)}
+
 
 class MaskedLMTask(_SentenceTask):
   """BERT's masked-LM pre-training of the encoder on the training sentences."""
@@ -345,6 +371,12 @@ class MaskedLMTask(_SentenceTask):
     forward = model_cfg.num_encoder_layers * _layer_flops(model_cfg, s)
     forward += p * (2 * d * d + 2 * d * model_cfg.vocab_size)
     return 3.0 * b * forward
+
+  def _batch_shapes(self, config, mesh):
+    from transformer_jax import sentences as sentences_lib  # pylint: disable=g-import-not-at-top
+    b, length = int(config.data.batch_size), int(config.data.max_length)
+    p = sentences_lib.mlm_predictions(length, float(config.data.mlm_probability))
+    return {'inputs': (b, length), 'mlm_positions': (b, p), 'mlm_targets': (b, p)}
 
 
 _TASKS = {t.name: t for t in (TranslationTask, LanguageModelTask, ClassificationTask,
