@@ -314,6 +314,28 @@ def evaluate_loss(setup: TrainSetup, params, eval_set, batch_size: int,
   return tasks_lib.summarize(totals)
 
 
+def evaluate_workdir(workdir: str, step: int | None = None,
+                     max_batches: int = 0) -> dict[str, float]:
+  """The dev metrics of a run's checkpoint (latest by default), any family: dev loss
+  and perplexity, plus accuracy for the encoder-only tasks; every batch unless
+  ``max_batches``. E.g. the validation nats per character of a language model."""
+  from transformer_jax.run import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  wd = workdir_lib.Workdir.open(workdir)
+  config = wd.config
+  restored = wd.restore(step)
+  mesh = sharding.create_mesh(config.mesh)
+  setup = TrainSetup.create(config, int(restored.meta['vocab_size']), mesh)
+  _, train_iter, eval_sets = setup.task.get_datasets(
+      config, wd.path, process_index=jax.process_index(),
+      process_count=jax.process_count(), batch_multiple=sharding.batch_divisor(mesh))
+  if hasattr(train_iter, 'close'):
+    train_iter.close()
+  params = jax.device_put(restored.params, setup.state_shardings['params'])
+  metrics = evaluate_loss(setup, params, eval_sets['validation'],
+                          config.data.eval_batch_size, max_batches)
+  return dict(metrics, step=restored.step)
+
+
 def _init_from(setup: TrainSetup, workdir: str):
   """Parameters of ``workdir``'s latest checkpoint (e.g. masked-LM pre-training), laid
   out on this run's shardings, to start fine-tuning from."""
