@@ -19,12 +19,12 @@ import pytest
 from flax import nnx
 
 from configs import sst2
-from transformer_jax import families
+from transformer_jax.model import families
 from transformer_jax import model as model_lib
-from transformer_jax import sentences
+from transformer_jax.data import sentences
 from transformer_jax import sharding
-from transformer_jax import tasks
-from transformer_jax import train
+from transformer_jax.train import tasks
+from transformer_jax.train import loop as train
 
 VOCAB = 64  # 63 pieces + [MASK].
 MASK = VOCAB - 1

@@ -19,12 +19,12 @@ import pytest
 from flax import nnx
 
 from configs import lm_shakespeare
-from transformer_jax import char_text
-from transformer_jax import families
+from transformer_jax.data import char_text
+from transformer_jax.model import families
 from transformer_jax import model as model_lib
-from transformer_jax import sampling
-from transformer_jax import tasks
-from transformer_jax import train
+from transformer_jax.inference import sampling
+from transformer_jax.train import tasks
+from transformer_jax.train import loop as train
 
 VOCAB = 24
 

@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import tiny
 from transformer_jax import sharding
-from transformer_jax import tasks
+from transformer_jax.train import tasks
 from transformer_jax.run import checkpoint as checkpoint_lib
 from transformer_jax.train import flops
 from transformer_jax.train import loop as train

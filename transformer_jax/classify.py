@@ -51,7 +51,7 @@ class Classifier:
   def predict(self, sentences: Sequence[str], batch_size: int = 128
               ) -> tuple[np.ndarray, np.ndarray]:
     """(class probabilities [B, C], pooled sentence embeddings [B, D])."""
-    from transformer_jax import sentences as sentences_lib  # pylint: disable=g-import-not-at-top
+    from transformer_jax.data import sentences as sentences_lib  # pylint: disable=g-import-not-at-top
     ids = self.vocab.encode_batch(list(sentences), int(self.config.data.max_length))
     probs, pooled = [], []
     for start in range(0, len(ids), batch_size):
@@ -68,8 +68,8 @@ class Classifier:
 
 def load_classifier(workdir: str, *, step: int | None = None) -> Classifier:
   """A ``Classifier`` for an encoder-only training workdir (latest checkpoint)."""
-  from transformer_jax import sentences as sentences_lib  # pylint: disable=g-import-not-at-top
-  from transformer_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax.data import sentences as sentences_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   from transformer_jax.run import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   wd = workdir_lib.Workdir.open(workdir)
   config = wd.config
@@ -88,11 +88,13 @@ def load_classifier(workdir: str, *, step: int | None = None) -> Classifier:
   return Classifier(model, vocab, config, names)
 
 
-flags.DEFINE_string('workdir', None, 'Training workdir of an encoder_only model.',
-                    required=True)
-flags.DEFINE_bool('embeddings', False, 'Print pooled sentence embeddings instead of '
-                  'labels.')
-flags.DEFINE_integer('checkpoint_step', None, 'Checkpoint step (default: the latest).')
+def define_flags() -> None:
+  """The command line's flags (defined only when run as a program)."""
+  flags.DEFINE_string('workdir', None, 'Training workdir of an encoder_only model.',
+                      required=True)
+  flags.DEFINE_bool('embeddings', False, 'Print pooled sentence embeddings instead of '
+                    'labels.')
+  flags.DEFINE_integer('checkpoint_step', None, 'Checkpoint step (default: the latest).')
 
 
 def main(argv):
@@ -114,4 +116,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

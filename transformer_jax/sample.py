@@ -15,21 +15,23 @@ from absl import app, flags
 
 from transformer_jax import translate
 
-flags.DEFINE_string('workdir', None, 'Training workdir of a decoder_only model.',
-                    required=True)
-flags.DEFINE_multi_string('prompt', ['\n'], 'Prompt text; repeat the flag for a batch.')
-flags.DEFINE_integer('max_new_tokens', 500, 'Tokens generated after each prompt.')
-flags.DEFINE_float('temperature', 1.0, 'Softmax temperature; 0 = greedy.')
-flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens; 0 = all.')
-flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling: the smallest set reaching this '
-                   'probability; 1.0 = all.')
-flags.DEFINE_integer('seed', 0, 'Random seed of the draws.')
-flags.DEFINE_integer('checkpoint_step', None, 'Checkpoint step (default: the latest).')
+def define_flags() -> None:
+  """The command line's flags (defined only when run as a program)."""
+  flags.DEFINE_string('workdir', None, 'Training workdir of a decoder_only model.',
+                      required=True)
+  flags.DEFINE_multi_string('prompt', ['\n'], 'Prompt text; repeat the flag for a batch.')
+  flags.DEFINE_integer('max_new_tokens', 500, 'Tokens generated after each prompt.')
+  flags.DEFINE_float('temperature', 1.0, 'Softmax temperature; 0 = greedy.')
+  flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens; 0 = all.')
+  flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling: the smallest set reaching this '
+                     'probability; 1.0 = all.')
+  flags.DEFINE_integer('seed', 0, 'Random seed of the draws.')
+  flags.DEFINE_integer('checkpoint_step', None, 'Checkpoint step (default: the latest).')
 
 
 def main(argv):
   f = translate.start_cli(argv)
-  from transformer_jax import sampling  # pylint: disable=g-import-not-at-top
+  from transformer_jax.inference import sampling  # pylint: disable=g-import-not-at-top
   try:
     sampler = sampling.load_sampler(f.workdir, step=f.checkpoint_step)
     texts = sampler.sample(f.prompt, max_new_tokens=f.max_new_tokens,
@@ -45,4 +47,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

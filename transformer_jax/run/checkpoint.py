@@ -306,7 +306,7 @@ def abstract_model(workdir: str, vocab_size: int | None = None):
     the nnx.State of Params as ShapeDtypeStructs.
   """
   from flax import nnx
-  from transformer_jax import families
+  from transformer_jax.model import families
   from transformer_jax import model as model_lib
   config = load_config(workdir)
   if vocab_size is None:

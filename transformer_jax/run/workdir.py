@@ -216,7 +216,7 @@ class Workdir:
     """
     if vocab_size not in self._abstract:
       from flax import nnx
-      from transformer_jax import families
+      from transformer_jax.model import families
       from transformer_jax import model as model_lib
       cfg = model_lib.TransformerConfig.from_config(self.config.model, vocab_size)
       model = nnx.eval_shape(

@@ -35,10 +35,10 @@ import optax
 from absl import logging
 from flax import nnx
 
-from transformer_jax import families
+from transformer_jax.model import families
 from transformer_jax import model as model_lib
 from transformer_jax import sharding
-from transformer_jax import tasks as tasks_lib
+from transformer_jax.train import tasks as tasks_lib
 from transformer_jax.run import checkpoint as checkpoint_lib
 from transformer_jax.train import flops as flops_lib
 from transformer_jax.train import optim

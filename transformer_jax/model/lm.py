@@ -10,7 +10,7 @@ layer is seen by both models.
   init_cache(B, L) / decode_step     one token at a time with cached keys and values
 
 Sampling (temperature, top-k, top-p, greedy) lives outside the model, in
-``transformer_jax/sampling.py``: a pure function of ``decode_step`` and a cache.
+``inference/sampling.py``: a pure function of ``decode_step`` and a cache.
 Shapes: B batch, T length, D d_model, N heads, H head dim, V vocabulary, L the
 cache's length.
 """
@@ -23,7 +23,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from transformer_jax import model as layers
+from transformer_jax.model.config import TransformerConfig
+from transformer_jax.model.layers import Embedding
+from transformer_jax.model.transformer import Decoder
 
 Array = jax.Array
 Cache = dict[str, Any]
@@ -32,11 +34,11 @@ Cache = dict[str, Any]
 class LanguageModel(nnx.Module):
   """A causal language model: p(x_t | x_<t) from decoder layers without cross-attention."""
 
-  def __init__(self, cfg: layers.TransformerConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     # The same stack class as the translation decoder; one embedding is both the
     # input table and (with share_embeddings) the softmax weights (Sec 3.4).
-    self.decoder = layers.Decoder(cfg, layers.Embedding(cfg, rngs=rngs), rngs=rngs,
+    self.decoder = Decoder(cfg, Embedding(cfg, rngs=rngs), rngs=rngs,
                                   cross_attention=False)
 
   def _check(self, tokens: Array, max_len: int | None = None) -> None:
@@ -73,7 +75,7 @@ class LanguageModel(nnx.Module):
     Returns:
       {'index': int32 scalar, the next position; 'layers': [per layer {'key':
       [B, N, H, L], 'value': [B, N, L, H]}]}, the translation decoder's layout
-      (see ``model.single_query_attention``) with one beam.
+      (see ``layers.single_query_attention``) with one beam.
     """
     cfg = self.cfg
     if cfg.positions == 'learned' and max_len > cfg.max_len:

@@ -22,8 +22,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from transformer_jax import model as layers
 from transformer_jax import sharding
+from transformer_jax.model import layers
+from transformer_jax.model.config import TransformerConfig
+from transformer_jax.model.transformer import Encoder
 
 Array = jax.Array
 
@@ -31,10 +33,10 @@ Array = jax.Array
 class EncoderClassifier(nnx.Module):
   """Encoder stack + pooling + linear classifier, and a masked-LM head."""
 
-  def __init__(self, cfg: layers.TransformerConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     d, zeros = cfg.d_model, jax.nn.initializers.zeros
-    self.encoder = layers.Encoder(cfg, layers.Embedding(cfg, rngs=rngs), rngs=rngs)
+    self.encoder = Encoder(cfg, layers.Embedding(cfg, rngs=rngs), rngs=rngs)
     self.head_dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
     self.head_kernel = layers._param(rngs, layers._glorot(0, 1), (d, cfg.num_classes),
                                      ('embed', None), cfg.param_dtype)
@@ -43,7 +45,7 @@ class EncoderClassifier(nnx.Module):
     self.mlm_kernel = layers._param(rngs, layers._glorot(0, 1), (d, d), ('embed', None),
                                     cfg.param_dtype)
     self.mlm_bias = layers._param(rngs, zeros, (d,), (None,), cfg.param_dtype)
-    self.mlm_norm = layers._layer_norm(cfg, rngs)
+    self.mlm_norm = layers.layer_norm(cfg, rngs)
     self.mlm_output_bias = layers._param(rngs, zeros, (cfg.vocab_size,), ('vocab',),
                                          cfg.param_dtype)
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from transformer_jax import tokenizer as tokenizer_lib
+from transformer_jax.data import tokenizer as tokenizer_lib
 
 _STATE_VERSION = 1
 _SPECIALS = 4  # pad, eos, bos, unk: never chosen as random replacements.
@@ -89,7 +89,7 @@ def inherited_vocab_path(config) -> str | None:
   init_from = config.train.get('init_from')
   if not init_from or config.data.get('vocab_path'):
     return None
-  from transformer_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax.run import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   parent = checkpoint_lib.load_config(init_from)
   return inherited_vocab_path(parent) or parent.data.get('vocab_path') or os.path.join(
       init_from, tokenizer_lib.VOCAB_DIRNAME, tokenizer_lib.VOCAB_FILENAME)

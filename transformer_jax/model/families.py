@@ -1,27 +1,28 @@
 """The model of each family, chosen by the one config field ``config.model.family``.
 
-  encoder_decoder   model.Transformer            translation (the paper)
+  encoder_decoder   transformer.Transformer      translation (the paper)
   decoder_only      lm.LanguageModel             causal language modelling
   encoder_only      classifier.EncoderClassifier classification / masked LM
 
-All three are built from the same layer modules (``transformer_jax/model.py``).
+All three are built from the same layer modules (``model/layers.py``).
 """
 
 from __future__ import annotations
 
 from flax import nnx
 
-from transformer_jax import model as layers
+from transformer_jax.model.config import TransformerConfig
+from transformer_jax.model.transformer import Transformer
 
 
-def build_model(cfg: layers.TransformerConfig, *, rngs: nnx.Rngs) -> nnx.Module:
+def build_model(cfg: TransformerConfig, *, rngs: nnx.Rngs) -> nnx.Module:
   """The family's model for ``cfg`` (``cfg.family`` decides)."""
   if cfg.family == 'encoder_decoder':
-    return layers.Transformer(cfg, rngs=rngs)
+    return Transformer(cfg, rngs=rngs)
   if cfg.family == 'decoder_only':
-    from transformer_jax import lm  # pylint: disable=g-import-not-at-top
+    from transformer_jax.model import lm  # pylint: disable=g-import-not-at-top
     return lm.LanguageModel(cfg, rngs=rngs)
   if cfg.family == 'encoder_only':
-    from transformer_jax import classifier  # pylint: disable=g-import-not-at-top
+    from transformer_jax.model import classifier  # pylint: disable=g-import-not-at-top
     return classifier.EncoderClassifier(cfg, rngs=rngs)
   raise ValueError(f'Unknown model family {cfg.family!r}.')

@@ -178,7 +178,7 @@ def load_sampler(workdir: str, *, step: int | None = None) -> Sampler:
       decoder-only run.
   """
   import os  # pylint: disable=g-import-not-at-top
-  from transformer_jax import char_text  # pylint: disable=g-import-not-at-top
+  from transformer_jax.data import char_text  # pylint: disable=g-import-not-at-top
   from transformer_jax.run import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   wd = workdir_lib.Workdir.open(workdir)
   family = wd.config.model.get('family', 'encoder_decoder')

@@ -205,7 +205,7 @@ class LanguageModelTask(Task):
   unit = 'tokens'
 
   def get_datasets(self, config, workdir, *, process_index, process_count, batch_multiple):
-    from transformer_jax import char_text  # pylint: disable=g-import-not-at-top
+    from transformer_jax.data import char_text  # pylint: disable=g-import-not-at-top
     d = config.data
     if d.source != 'char_text':
       raise ValueError(f"The lm task reads config.data.source='char_text', got {d.source!r}.")
@@ -260,7 +260,7 @@ class _SentenceTask(Task):
   mlm = False
 
   def get_datasets(self, config, workdir, *, process_index, process_count, batch_multiple):
-    from transformer_jax import sentences as sentences_lib  # pylint: disable=g-import-not-at-top
+    from transformer_jax.data import sentences as sentences_lib  # pylint: disable=g-import-not-at-top
     from transformer_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
     d = config.data
     if d.source != 'labelled_tsv':
@@ -373,7 +373,7 @@ class MaskedLMTask(_SentenceTask):
     return 3.0 * b * forward
 
   def _batch_shapes(self, config, mesh):
-    from transformer_jax import sentences as sentences_lib  # pylint: disable=g-import-not-at-top
+    from transformer_jax.data import sentences as sentences_lib  # pylint: disable=g-import-not-at-top
     b, length = int(config.data.batch_size), int(config.data.max_length)
     p = sentences_lib.mlm_predictions(length, float(config.data.mlm_probability))
     return {'inputs': (b, length), 'mlm_positions': (b, p), 'mlm_targets': (b, p)}
