@@ -38,17 +38,23 @@ def main():
   parser.add_argument('--sentences', type=int, default=200)
   parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--batch_size', type=int, default=32)
+  parser.add_argument('--max_source_tokens', type=int, default=0,
+                      help='Keep only sources of at most this many pieces (0 = all): '
+                      'fewer bucket shapes for our search to compile on a busy machine.')
   args = parser.parse_args()
 
   import ctranslate2
   import sentencepiece as spm
   opener = gzip.open if args.source.endswith('.gz') else open
   with opener(args.source, 'rt', encoding='utf-8') as f:
-    lines = [line.strip() for line in f][:args.sentences]
+    lines = [line.strip() for line in f]
   out = tempfile.mkdtemp(prefix='export-speed-')
   ours = translate.load_translator(args.workdir, use_mesh=False)
   e = ours.config.eval
   sp = spm.SentencePieceProcessor(model_file=ours.tokenizer.path)
+  if args.max_source_tokens:
+    lines = [l for l in lines if len(sp.encode(l)) <= args.max_source_tokens]
+  lines = lines[:args.sentences]
   pieces = [sp.encode(line, out_type=str) for line in lines]
   threads = os.cpu_count()
   engines = {}
