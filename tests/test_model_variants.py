@@ -344,3 +344,36 @@ def test_config_errors_name_the_problem():
     dataclasses.replace(BASE, positions='rope', head_dim=5)
   with pytest.raises(ValueError, match='positions='):
     dataclasses.replace(BASE, positions='t5')
+
+
+@pytest.mark.parametrize('options', [dict(positions='alibi', feed_forward='geglu'),
+                                     VARIANTS['modern']])
+def test_language_model_family_gets_the_options(options):
+  """The decoder-only family is built on the same layers: with RoPE/ALiBi (no added
+  position table) its cached decoding equals its full pass."""
+  from transformer_jax.model import families
+  cfg = dataclasses.replace(BASE, family='decoder_only', num_encoder_layers=1, **options)
+  lm = families.build_model(cfg, rngs=nnx.Rngs(params=0, dropout=0))
+  assert lm.decoder.positions is None
+  tokens = jnp.asarray(np.random.RandomState(0).randint(4, 50, (2, 7)), jnp.int32)
+  full = lm(tokens)
+  cache = lm.init_cache(tokens.shape[0], tokens.shape[1])
+  step = jax.jit(lm.decode_step)
+  for t in range(tokens.shape[1]):
+    logits, cache = step(tokens[:, t], cache)
+    np.testing.assert_allclose(logits, full[:, t], atol=2e-5, err_msg=f't={t}')
+
+
+def test_encoder_classifier_family_gets_alibi():
+  """The encoder-only family: ALiBi in its (bidirectional) self-attention changes the
+  pooled logits when the same tokens are reordered, without a position table."""
+  from transformer_jax.model import families
+  cfg = dataclasses.replace(BASE, family='encoder_only', positions='alibi',
+                            norm='rmsnorm', num_decoder_layers=1)
+  classifier = families.build_model(cfg, rngs=nnx.Rngs(params=0, dropout=0))
+  ids = jnp.asarray([[5, 6, 7, 8, 1, 0], [8, 7, 6, 5, 1, 0]], jnp.int32)
+  encoded = classifier.encode(ids)
+  # Token 6 in row 0 (position 1) and row 1 (position 2) sees the same bag of tokens
+  # at different distances: a different encoding.
+  assert np.abs(np.asarray(encoded[0, 1] - encoded[1, 2])).max() > 1e-4
+  assert np.isfinite(np.asarray(classifier(ids))).all()
