@@ -25,6 +25,7 @@ from flax import nnx
 
 from transformer_jax import model as model_lib
 from transformer_jax.inference import search
+from transformer_jax.inference.translator import BatchSearch
 
 FLAX_WMT_BEAM4_SENTENCES_PER_S = 45.0
 
@@ -71,15 +72,15 @@ def main():
 
   searches = {}
   for name, beam in (('beam 4', 4), ('greedy', 1)):
-    decoder = search.Decoder(model, beam_size=beam, alpha=0.6,
-                             max_extra_len=args.steps - args.src_len)
+    decoder = BatchSearch(model, beam_size=beam, alpha=0.6,
+                          max_extra_len=args.steps - args.src_len)
     t0 = time.perf_counter()
-    tokens, _ = decoder.search(src)  # Compiles.
+    tokens, _ = decoder(src)  # Compiles.
     searches[name] = (decoder, time.perf_counter() - t0, tokens, [])
   for _ in range(args.repeats):
     for decoder, _, _, times in searches.values():
       t0 = time.perf_counter()
-      decoder.search(src)
+      decoder(src)
       times.append(time.perf_counter() - t0)
   print(f'load average before timing: {load[0]:.2f}, after: {os.getloadavg()[0]:.2f}')
   for name, (decoder, compile_s, tokens, times) in searches.items():

@@ -15,14 +15,15 @@ engine's own output, plus eos.
 """
 
 import argparse
+import dataclasses
 import gzip
 import os
 import statistics
 import tempfile
 import time
 
-from transformer_jax import translate
 from transformer_jax.inference import export
+from transformer_jax.inference.translator import Translator
 
 from verify_export import _cpu_model  # Same folder.
 
@@ -49,7 +50,7 @@ def main():
   with opener(args.source, 'rt', encoding='utf-8') as f:
     lines = [line.strip() for line in f]
   out = tempfile.mkdtemp(prefix='export-speed-')
-  ours = translate.load_translator(args.workdir, use_mesh=False)
+  ours = Translator.from_workdir(args.workdir, use_mesh=False)
   e = ours.config.eval
   sp = spm.SentencePieceProcessor(model_file=ours.tokenizer.path)
   if args.max_source_tokens:
@@ -63,7 +64,7 @@ def main():
     engines[q] = ctranslate2.Translator(model_dir, device='cpu', intra_threads=threads)
 
   def run_ours(batch_size):
-    outputs = translate.translate_lines(ours, lines, batch_size=batch_size, progress=False)
+    outputs = dataclasses.replace(ours, batch_size=batch_size).translate(lines)
     return sum(len(sp.encode(o)) + 1 for o in outputs)
 
   def run_ct2(q, batch_size):

@@ -26,9 +26,9 @@ import tempfile
 
 import numpy as np
 
-from transformer_jax import translate
 from transformer_jax.inference import bleu
 from transformer_jax.inference import export
+from transformer_jax.inference.translator import Translator
 
 
 def _cpu_model() -> str:
@@ -120,14 +120,12 @@ def main():
   dirs = {q: export.to_ctranslate2(args.workdir, os.path.join(out, q), quantization=q,
                                    step=args.checkpoint_step)
           for q in ('float32', 'int8')}
-  translator = translate.load_translator(args.workdir, step=args.checkpoint_step,
-                                         use_mesh=False)
+  translator = Translator.from_workdir(args.workdir, args.checkpoint_step, use_mesh=False)
   e = translator.config.eval
-  from transformer_jax.run import workdir as workdir_lib
-  step = args.checkpoint_step or workdir_lib.Workdir.open(args.workdir).latest_step()
+  step = translator.step
   print(f'{args.workdir} step {step}, {len(lines)} sentences, beam '
         f'{e.beam_size}, alpha {e.length_penalty}, limit source + {e.max_extra_length}')
-  ours = translate.translate_lines(translator, lines, progress=False)
+  ours = translator.translate(lines)
   for q, model_dir in dirs.items():
     theirs = _ct2(model_dir, lines, e.beam_size, e.length_penalty, e.max_extra_length)
     _compare(f'beam {e.beam_size}, ctranslate2 {q} vs ours', ours, theirs, references)
@@ -136,9 +134,7 @@ def main():
       for src, a, b in differing[:10]:
         print(f'  differs: {src!r}\n    ours: {a!r}\n    ct2:  {b!r}')
   if args.greedy:
-    greedy = translate.load_translator(args.workdir, step=args.checkpoint_step,
-                                       beam_size=1, use_mesh=False)
-    ours_greedy = translate.translate_lines(greedy, lines, progress=False)
+    ours_greedy = translator.with_search(beam_size=1).translate(lines)
     theirs = _ct2(dirs['float32'], lines, 1, 0.0, e.max_extra_length)
     _compare('greedy, ctranslate2 float32 vs ours', ours_greedy, theirs, references)
   _huggingface_logits(args.workdir, os.path.join(out, 'hf'), lines, ours,

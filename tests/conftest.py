@@ -25,3 +25,100 @@ def shared_data() -> pathlib.Path:
     pytest.skip(f'shared corpora not found at {SHARED_DATA} '
                 '(set TRANSFORMER_JAX_DATA to their folder)')
   return SHARED_DATA
+
+
+# ----------------------------------------------------------------------------
+# A trained run every inference test can read: a tiny Transformer trained to copy.
+
+COPY_WORDS = 'red blue green cat dog bird runs sleeps eats big small the a on under'.split()
+COPY_SENTENCES = ['the cat runs', 'a big red dog sleeps on cat', 'small bird',
+                  'the green cat eats a blue dog', 'dog']
+
+
+def copy_sentence(rng):
+  return ' '.join(rng.choice(COPY_WORDS) for _ in range(rng.randint(1, 7)))
+
+
+def copy_config():
+  """configs/tiny.py cut to 1+1 layers, d_model 32, max_len 16, beam 2."""
+  from configs import tiny
+  config = tiny.get_config()
+  m = config.model
+  m.num_encoder_layers = m.num_decoder_layers = 1
+  m.d_model, m.num_heads, m.head_dim, m.d_ff = 32, 4, None, 64
+  m.dropout_rate, m.max_len = 0.0, 16
+  config.data.bucket_lengths = (8, 16)
+  config.data.eval_batch_size = 4
+  config.eval.beam_size = 2
+  config.eval.max_extra_length = 3
+  return config
+
+
+def _train_copy_model(model, tokenizer, rng, steps):
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  from flax import nnx
+  from transformer_jax import model as model_lib
+  optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
+
+  @nnx.jit
+  def train_step(model, optimizer, ids):
+    def loss_fn(model):
+      logits = model(ids, model_lib.shift_right(ids))
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, ids)
+      return jnp.sum(loss * (ids != 0)) / jnp.sum(ids != 0)
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss
+
+  for _ in range(steps):
+    ids = np.zeros((64, 8), np.int32)
+    for row in ids:
+      sentence = tokenizer.encode(copy_sentence(rng)) + [tokenizer.eos_id]
+      row[:len(sentence)] = sentence
+    loss = train_step(model, optimizer, ids)
+  return float(loss)
+
+
+@pytest.fixture(scope='session')
+def copy_run(tmp_path_factory):
+  """A workdir (config.json, vocab/spm.model, checkpoints at steps 250 and 500) of a
+  1+1-layer model trained for 500 steps (seconds) to copy sentences of a 15-word
+  language, written the way training writes it. A correct pipeline (tokenize, sort,
+  batch, search, restore order, detokenize) returns every input line unchanged.
+
+  Returns:
+    namespace(path, params={step: numpy params}, config).
+  """
+  import random
+  import types
+  import jax
+  import numpy as np
+  from flax import nnx
+  from transformer_jax.run import checkpoint as checkpoint_lib
+  from transformer_jax import model as model_lib
+  from transformer_jax.data import tokenizer as tokenizer_lib
+  from transformer_jax.run.workdir import Workdir
+  path = str(tmp_path_factory.mktemp('copy_workdir'))
+  config = copy_config()
+  workdir = Workdir.create(path, config)
+  rng = random.Random(0)
+  tokenizer = tokenizer_lib.train_tokenizer(
+      [copy_sentence(rng) for _ in range(2000)], os.path.join(path, 'vocab', 'spm.model'),
+      vocab_size=len(COPY_WORDS) + 4, model_type='word')
+  cfg = model_lib.TransformerConfig.from_config(config.model, tokenizer.vocab_size)
+  model = model_lib.Transformer(cfg, rngs=nnx.Rngs(0))
+  ckpt = workdir.checkpointer(read_only=False)
+  saved = {}
+  for step, steps in ((250, 250), (500, 250)):
+    loss = _train_copy_model(model, tokenizer, rng, steps)
+    params = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+    meta = {'vocab_fingerprint': tokenizer.fingerprint()['sha256'],
+            'vocab_size': tokenizer.vocab_size,
+            'param_shapes': checkpoint_lib.param_shapes(params)}
+    ckpt.save(step, params, {'count': np.zeros((), np.int32)}, {}, meta, force=True)
+    saved[step] = params
+  workdir.close()
+  assert loss < 0.1, loss  # It has learned to copy.
+  return types.SimpleNamespace(path=path, params=saved, config=config)

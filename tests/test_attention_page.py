@@ -13,6 +13,7 @@ import tempfile
 import numpy as np
 import pytest
 
+from transformer_jax.viz import attention_page
 from transformer_jax.viz.attention_page import AttentionPage
 
 CHROMIUM = '/usr/bin/chromium'
@@ -20,6 +21,7 @@ CHROMEDRIVER = '/usr/bin/chromedriver'
 # Tokens that would break a page which used innerHTML or let '</script>' end its data.
 SOURCE = ['\u2581A', '\u2581man', '</script><b>x', '\u2581bike', '.', '</s>']
 TARGET = ['<s>', '\u2581Ein', '\u2581Mann', '\u2581f\u00e4hrt', '.']
+PREDICTED = TARGET[1:] + ['</s>']  # What each decoder position predicts.
 LAYERS, HEADS = 2, 3
 
 
@@ -150,7 +152,9 @@ def test_hovering_a_token_highlights_its_row(browser, page_url, weights):
   _select(browser, 'head', 1)
   query = 3
   token = browser.find_elements(By.CSS_SELECTOR, '#queries .token')[query]
-  assert token.text == TARGET[query]
+  # Decoder rows are labelled by the token they predict, the fed token beside it.
+  assert token.find_element(By.CSS_SELECTOR, '.text').text == PREDICTED[query]
+  assert token.find_element(By.CSS_SELECTOR, '.input').text == f'{TARGET[query]} \u2192'
   ActionChains(browser).move_to_element(token).perform()
   expected = weights['cross'][0, 1, query]
   keys = browser.find_elements(By.CSS_SELECTOR, '#keys .token')
@@ -163,7 +167,8 @@ def test_hovering_a_token_highlights_its_row(browser, page_url, weights):
       i == query for i in range(len(TARGET))]
   best = SOURCE[int(np.argmax(expected))]
   readout = browser.find_element(By.ID, 'readout').text
-  assert readout.startswith(f'{TARGET[query]} attends most to: {best} ')
+  assert readout.startswith(
+      f'{PREDICTED[query]} (input {TARGET[query]}) attends most to: {best} ')
   # One line per visible weight, drawn from the hovered token only.
   lines = browser.find_elements(By.CSS_SELECTOR, '#links line')
   assert len(lines) == int(np.sum(np.round(expected, 4) >= 0.005))
@@ -194,8 +199,27 @@ def test_page_is_self_contained_and_escapes_tokens(weights):
 
 
 def test_page_rejects_weights_that_do_not_match_the_tokens(weights):
-  with pytest.raises(ValueError, match=r'cross: weights must be \[L, N, target length 5, '
+  with pytest.raises(ValueError, match=r'cross: weights must be \[L, N, predicted length 5, '
                                        r'source length 6\], got shape \(2, 3, 5, 4\)'):
     AttentionPage({'cross': weights['cross'][..., :4]}, SOURCE, TARGET)
   with pytest.raises(ValueError, match='unknown attention kind'):
     AttentionPage({'self': weights['cross']}, SOURCE, TARGET)
+
+
+def test_page_is_built_from_the_packaged_asset_files(weights):
+  import importlib.resources
+  folder = importlib.resources.files(attention_page.__package__) / 'assets'
+  page = AttentionPage(weights, SOURCE, TARGET, title='t').to_html()
+  for name in attention_page.ASSETS:
+    text = (folder / name).read_text('utf-8')
+    assert text == attention_page.asset(name)
+    if name.endswith('.html'):
+      head, tail = text.split('{{ title }}', 1)[0], text.rsplit('{{ script }}', 1)[1]
+      assert page.startswith(head) and page.endswith(tail)
+    else:
+      assert text in page
+  assert '{{' not in page.replace(attention_page.asset('attention_page.js'), '')
+  predicted = AttentionPage(weights, SOURCE, TARGET, predicted_tokens=list('abcde'))
+  assert predicted._data()['tokens']['predicted'] == list('abcde')
+  with pytest.raises(ValueError, match='4 predicted tokens for 5 decoder positions'):
+    AttentionPage(weights, SOURCE, TARGET, predicted_tokens=list('abcd'))

@@ -1,4 +1,4 @@
-"""Tests for transformer_jax.run.checkpoint (orbax CheckpointManager) on 8 fake devices.
+"""Tests for transformer_jax.checkpoint (orbax CheckpointManager) on 8 fake devices.
 
 * Saved on 1 device, restored onto a (2, 2, 2) mesh (8 devices -> 1 is in
   test_train.py): equal values, the requested shardings.
@@ -20,6 +20,7 @@ import pytest
 from configs import tiny
 from transformer_jax import sharding
 from transformer_jax.run import checkpoint as checkpoint_lib
+from transformer_jax.run.workdir import Workdir, write_average
 from transformer_jax.train import loop as train
 
 VOCAB = 256
@@ -101,7 +102,7 @@ def test_half_written_step_is_not_the_latest(saved):
   os.makedirs(os.path.join(tmp, 'params'))
   with open(os.path.join(tmp, 'params', 'garbage'), 'w') as f:
     f.write('partial')
-  params, _, _, _ = checkpoint_lib.restore_params(workdir)
+  params = Workdir.open(workdir).restore().params
   for name, value in _leaves(params).items():
     np.testing.assert_array_equal(value, params_by_step[3][name], err_msg=name)
 
@@ -126,19 +127,23 @@ def test_incompatible_checkpoint_is_a_clear_error(saved):
 
 def test_average_of_last_k_is_the_mean(saved, tmp_path):
   workdir, _, params_by_step, _ = saved
-  params, _, _, _ = checkpoint_lib.restore_params(workdir, average_last=2)
+  run = Workdir.open(workdir)
+  params = run.restore(average_last=2).params
   for name, value in _leaves(params).items():
     expected = (params_by_step[2][name] + params_by_step[3][name]) / 2
     np.testing.assert_allclose(value, expected, rtol=1e-6, err_msg=name)
-  params, _, _, _ = checkpoint_lib.restore_params(workdir, step=2, average_last=2)
+  params = run.restore(step=2, average_last=2).params
   name = next(iter(params_by_step[1]))
   np.testing.assert_allclose(_leaves(params)[name],
                              (params_by_step[1][name] + params_by_step[2][name]) / 2,
                              rtol=1e-6)
   with pytest.raises(ValueError, match='holds only'):
-    checkpoint_lib.restore_params(workdir, average_last=5)
-  out = checkpoint_lib.average_checkpoints(workdir, 3, str(tmp_path / 'avg3'))
-  params, _, _, _ = checkpoint_lib.restore_params(out)
+    run.restore(average_last=5)
+  out, averaged = write_average(run, 3, str(tmp_path / 'avg3'))
+  assert averaged.steps == [1, 2, 3]
+  restored = out.restore()
+  assert restored.step == 3 and restored.meta['averaged_steps'] == [1, 2, 3]
+  params = restored.params
   for name, value in _leaves(params).items():
     expected = sum(params_by_step[s][name] for s in (1, 2, 3)) / 3
     np.testing.assert_allclose(value, expected, rtol=1e-6, err_msg=name)
@@ -148,12 +153,26 @@ def test_average_command_line(saved, tmp_path):
   workdir, _, params_by_step, _ = saved
   out = str(tmp_path / 'cli_avg')
   env = dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS='cpu')
-  result = subprocess.run(
-      [sys.executable, '-m', 'transformer_jax.checkpoint', f'--workdir={workdir}',
-       '--average_last=2', f'--out_dir={out}'], env=env, cwd=REPO_ROOT,
-      capture_output=True, text=True, timeout=300)
+
+  def average():
+    return subprocess.run(
+        [sys.executable, '-m', 'transformer_jax.checkpoint', f'--workdir={workdir}',
+         '--average_last=2', f'--output={out}'], env=env, cwd=REPO_ROOT,
+        capture_output=True, text=True, timeout=300)
+
+  result = average()
   assert result.returncode == 0, result.stderr[-2000:]
-  params, _, _, _ = checkpoint_lib.restore_params(out)
+  # One line of result, no library log lines.
+  assert result.stdout.splitlines() == [
+      f'Averaged checkpoints [2, 3] of {workdir} into {out} (step 3).']
+  assert 'orbax' not in result.stderr.lower() and len(result.stderr.splitlines()) <= 2
+  # Again into the same output: one clear line, not orbax's StepAlreadyExistsError.
+  again = average()
+  assert again.returncode == 1 and 'Traceback' not in again.stderr
+  assert again.stderr.strip().splitlines()[-1] == (
+      f'checkpoint: {out} already holds a checkpoint for step 3; pick another output '
+      'folder or delete that one.')
+  params = Workdir.open(out).restore().params
   for name, value in _leaves(params).items():
     expected = (params_by_step[2][name] + params_by_step[3][name]) / 2
     np.testing.assert_allclose(value, expected, rtol=1e-6, err_msg=name)

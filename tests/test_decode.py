@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from transformer_jax.inference import search
+from transformer_jax.inference.translator import BatchSearch
 
 EOS, BOS, PAD = 1, 2, 0
 
@@ -221,8 +222,7 @@ def test_model_beam_scores_equal_teacher_forced_log_probs(tiny_model):
   # checks the encoder tiling, the cached cross-attention and the cache reorder.
   model, src = tiny_model
   alpha, extra = 0.6, 4
-  tokens, scores = search.Decoder(model, beam_size=3, alpha=alpha,
-                                  max_extra_len=extra).search(src)
+  tokens, scores = BatchSearch(model, beam_size=3, alpha=alpha, max_extra_len=extra)(src)
   lengths = (src != 0).sum(1)
   assert tokens.shape == (3, 3, src.shape[1] + extra)
   forward = _forward(model)
@@ -241,7 +241,8 @@ def test_model_greedy_equals_uncached_argmax_loop(tiny_model):
   from transformer_jax import model as model_lib
   model, src = tiny_model
   extra = 3
-  best = search.Decoder(model, beam_size=1, max_extra_len=extra)(src)
+  tokens, _ = BatchSearch(model, beam_size=1, max_extra_len=extra)(src)
+  best = [search.strip_eos(row) for row in tokens[:, 0]]
   forward, max_len = _forward(model), src.shape[1] + extra
   for b, length in enumerate((src != 0).sum(1)):
     out = []
@@ -264,9 +265,9 @@ def test_model_search_sharded_over_the_batch_equals_single_device(tiny_model):
   mesh_cfg = ml_collections.ConfigDict(dict(data=4, fsdp=2, tensor=1, rules=(
       ('act_batch', ('data', 'fsdp')), ('embed', 'fsdp'))))
   mesh = sharding.create_mesh(mesh_cfg)
-  single = search.Decoder(model, beam_size=2, max_extra_len=3).search(src)
-  sharded = search.Decoder(model, beam_size=2, max_extra_len=3, mesh=mesh,
-                           rules=sharding.rules_from_config(mesh_cfg)).search(src)
+  single = BatchSearch(model, beam_size=2, max_extra_len=3)(src)
+  sharded = BatchSearch(model, beam_size=2, max_extra_len=3, mesh=mesh,
+                        rules=sharding.rules_from_config(mesh_cfg))(src)
   np.testing.assert_array_equal(sharded[0], single[0])  # 3 rows padded to 8 inside.
   np.testing.assert_allclose(sharded[1], single[1], rtol=1e-5, atol=1e-5)
 

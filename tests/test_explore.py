@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from transformer_jax import model as model_lib
+from transformer_jax.inference.translator import Translator
 from transformer_jax.viz import attention_plots
 
 # Recomputing attention from the returned float32 weights differs from the model's own
@@ -149,6 +150,43 @@ def test_attention_figures_are_pngs_of_the_documented_size(tmp_path):
     attention_plots.plot_head_grid(w['cross'][0], target, source[:3], str(tmp_path / 'x.png'))
 
 
+def test_decoder_rows_are_labelled_by_the_token_they_predict(tmp_path, monkeypatch):
+  # Position t of the decoder is fed '<s> Ein Mann'[t] and predicts 'Ein Mann </s>'[t]:
+  # its attention row belongs to the predicted token.
+  source = ['\u2581A', '\u2581man', '</s>']
+  target = ['<s>', '\u2581Ein', '\u2581Mann']
+  predicted = ['\u2581Ein', '\u2581Mann', '</s>']
+  assert attention_plots.predicted_from_target(target) == predicted
+  assert attention_plots.axis_tokens('cross', source, target) == (predicted, source)
+  assert attention_plots.axis_tokens('decoder_self', source, target) == (predicted, target)
+  assert attention_plots.axis_tokens('encoder_self', source, target) == (source, source)
+  drawn = {}
+  monkeypatch.setattr(attention_plots, 'plot_head_grid',
+                      lambda w, rows, cols, path, title: drawn.setdefault(
+                          os.path.basename(path), (rows, cols)) and path)
+  monkeypatch.setattr(attention_plots, 'plot_alignment',
+                      lambda w, rows, cols, path, title: drawn.setdefault(
+                          os.path.basename(path), (rows, cols)) and path)
+  w = {'encoder_self': np.ones((1, 1, 3, 3)) / 3, 'decoder_self': np.ones((1, 1, 3, 3)) / 3,
+       'cross': np.ones((1, 1, 3, 3)) / 3}
+  attention_plots.write_attention_figures(w, source, target, str(tmp_path))
+  assert drawn['cross_alignment.png'] == (predicted, source)
+  assert drawn['cross_layer0.png'] == (predicted, source)
+  assert drawn['decoder_self_layer0.png'] == (predicted, target)
+  assert drawn['encoder_self_layer0.png'] == (source, source)
+
+
+def test_importing_the_plots_leaves_matplotlib_alone():
+  code = ('import sys, matplotlib; before = matplotlib.rcParams._get_backend_or_none(); '
+          'import transformer_jax.viz.attention_plots, transformer_jax.viz.attention_page; '
+          'assert "matplotlib.pyplot" not in sys.modules, "pyplot imported"; '
+          'assert matplotlib.rcParams._get_backend_or_none() == before, "backend set"')
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                          cwd=pathlib.Path(__file__).resolve().parents[1],
+                          env={k: v for k, v in os.environ.items() if k != 'MPLBACKEND'})
+  assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_positional_encoding_figure(tmp_path):
   table = attention_plots.sinusoid_table(50, 16)
   # Sec 3.5 at known points: PE(pos, 0) = sin(pos), PE(pos, 1) = cos(pos),
@@ -225,7 +263,7 @@ def test_cli_writes_figures_and_page_for_the_translation(explore_workdir, tmp_pa
   import sentencepiece as spm
   from transformer_jax import explore
   out = tmp_path / 'out'
-  result = _run_cli(f'--workdir={explore_workdir}', '--text', TEXT, f'--out={out}')
+  result = _run_cli(f'--workdir={explore_workdir}', '--text', TEXT, f'--output={out}')
   assert result.returncode == 0, result.stderr[-3000:]
   assert f'source:      {TEXT}' in result.stdout
   assert 'step 10' in result.stdout
@@ -235,6 +273,10 @@ def test_cli_writes_figures_and_page_for_the_translation(explore_workdir, tmp_pa
                                                           'spm.model'))
   source, target = data['tokens']['source'], data['tokens']['target']
   assert source == sp.encode(TEXT, out_type=str) + ['</s>']
+  # Decoder rows are labelled by what they predict: the translation, then '</s>'.
+  assert data['tokens']['predicted'] == target[1:] + ['</s>']
+  assert data['kinds']['cross']['query'] == 'predicted'
+  assert data['kinds']['decoder_self']['key'] == 'target'
   # Output length <= source length + config.eval.max_extra_length (5), after '<s>'.
   assert target[0] == '<s>' and 2 <= len(target) <= 1 + len(source) + 5
   translation_ids = [sp.piece_to_id(p) for p in target[1:]]
@@ -242,8 +284,7 @@ def test_cli_writes_figures_and_page_for_the_translation(explore_workdir, tmp_pa
   assert printed == sp.decode(translation_ids)
 
   # The page holds the model's attention for exactly this source and translation.
-  from transformer_jax import translate
-  loaded = translate.load_translator(explore_workdir, use_mesh=False)
+  loaded = Translator.from_workdir(explore_workdir, use_mesh=False)
   expected = explore.explore_ids(loaded.model, sp.encode(TEXT) + [1], translation_ids)
   for kind, w in expected.items():
     np.testing.assert_allclose(np.array(data['kinds'][kind]['weights']), w, atol=1e-4,
@@ -273,8 +314,8 @@ def test_cli_without_a_checkpoint_is_a_clear_error(explore_workdir, tmp_path):
 
 
 def test_sentence_longer_than_the_model_is_a_clear_error(explore_workdir):
-  from transformer_jax import explore, translate
-  loaded = translate.load_translator(explore_workdir, use_mesh=False)
+  from transformer_jax import explore
+  loaded = Translator.from_workdir(explore_workdir, use_mesh=False)
   text = ' '.join(['bicycle'] * 30)
   with pytest.raises(ValueError, match=r"tokens long \(with eos\), more than the "
                                        r"model's maximum length of 24"):

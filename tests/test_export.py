@@ -3,7 +3,7 @@
 - CTranslate2's teacher-forced log-probabilities equal ours (1e-4) for post-LN with
   shared embeddings and sinusoids, and for pre-LN with separate embeddings, learned
   positions and a head dim apart from d_model / heads: every weight is in its place.
-- On the trained copy model of test_translate (its ``workdir`` fixture), the CLI's
+- On the trained copy model (conftest's ``copy_run``), the CLI's
   export translates raw text through ctranslate2 + sentencepiece to exactly our beam
   search's outputs; the int8 export still copies.
 - The MarianMT directory holds the expected files and tensor shapes; where torch and
@@ -26,10 +26,11 @@ import sentencepiece as spm
 from flax import nnx
 
 from transformer_jax import model as model_lib
-from transformer_jax import translate
 from transformer_jax.inference import export
+from transformer_jax.inference.translator import Translator
 
-from test_translate import REPO, _sentence, workdir  # noqa: F401  (module fixture)
+from conftest import copy_sentence as _sentence
+from test_translate import REPO, workdir  # noqa: F401  (module fixture)
 
 ctranslate2 = pytest.importorskip('ctranslate2')
 
@@ -112,8 +113,7 @@ def test_ctranslate2_export_translates_raw_text_as_our_beam_search(
   rng = random.Random(1)
   lines = [_sentence(rng) for _ in range(24)]
   eval_cfg = workdir.config.eval
-  ours = translate.translate_lines(translate.load_translator(workdir.path, use_mesh=False),
-                                   lines, progress=False)
+  ours = Translator.from_workdir(workdir.path, use_mesh=False).translate(lines)
   theirs = _ct2_lines(ct2_dir, lines, eval_cfg)
   assert theirs == ours
   assert sum(t == line for t, line in zip(theirs, lines)) >= 20  # It copies.

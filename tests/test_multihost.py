@@ -20,6 +20,7 @@ import pytest
 from configs import tiny
 from transformer_jax import sharding
 from transformer_jax.run import checkpoint as checkpoint_lib
+from transformer_jax.run.workdir import Workdir
 from transformer_jax.train import loop as train
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,7 +134,7 @@ def test_two_process_checkpoint_restores_in_one_process(two_processes, one_proce
   data_files = sorted(f for f in os.listdir(
       os.path.join(workdir, 'checkpoints', str(STEPS), 'data')) if f.endswith('.json'))
   assert data_files == ['process_0-of-2.json', 'process_1-of-2.json']
-  params, _, _, _ = checkpoint_lib.restore_params(workdir)
+  params = Workdir.open(workdir).restore().params
   ref = jax.tree_util.tree_flatten_with_path(one_process[1])[0]
   got = jax.tree.leaves(params)
   assert len(ref) == len(got)
@@ -173,9 +174,7 @@ def test_main_trains_on_two_processes(shared_data, tmp_path):
     assert p.returncode == 0, log[-3000:]
   assert 'Process 0 of 2; 2 local and 4 global devices' in logs[0]
   assert 'step 4 dev loss' in logs[0]
-  ckpt = checkpoint_lib.TrainCheckpointer(workdir, tiny.get_config().checkpoint,
-                                          read_only=True)
-  assert ckpt.all_steps() == [2, 4]
+  assert Workdir.open(workdir).steps() == [2, 4]
   data_dir = os.path.join(workdir, 'checkpoints', '4', 'data')
   assert sorted(f for f in os.listdir(data_dir) if f.endswith('.json')) == [
       'process_0-of-2.json', 'process_1-of-2.json']

@@ -1,106 +1,35 @@
-"""Translation CLI and evaluation on a tiny Transformer trained to copy its input.
+"""The translate and evaluate command lines, and evaluation with a Translator.
 
-The fixture trains a 1+1-layer model for 500 steps (seconds) on a 15-word language to
-copy sentences, and saves two checkpoints the way training does. A correct pipeline
-(tokenize, sort, batch, search, restore order, detokenize) then returns every input
-line unchanged: a round trip whose expected output is known.
+They run on ``copy_run`` (conftest.py): a tiny Transformer trained to copy sentences,
+so a correct pipeline (tokenize, sort, batch, search, restore order, detokenize)
+returns every input line unchanged, a round trip whose expected output is known.
 """
 
 import json
 import os
 import pathlib
-import random
+import queue
+import re
 import shutil
 import subprocess
 import sys
+import threading
 import types
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
 import pytest
 from flax import nnx
 
+from conftest import COPY_SENTENCES as SENTENCES
 from transformer_jax import evaluate
-from transformer_jax import model as model_lib
-from transformer_jax import translate
-from transformer_jax.data import tokenizer as tokenizer_lib
-from transformer_jax.run import checkpoint as checkpoint_lib
+from transformer_jax.inference.translator import Translator
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-WORDS = 'red blue green cat dog bird runs sleeps eats big small the a on under'.split()
-SENTENCES = ['the cat runs', 'a big red dog sleeps on cat', 'small bird',
-             'the green cat eats a blue dog', 'dog']
-
-
-def _sentence(rng):
-  return ' '.join(rng.choice(WORDS) for _ in range(rng.randint(1, 7)))
-
-
-def _config():
-  from configs import tiny
-  config = tiny.get_config()
-  m = config.model
-  m.num_encoder_layers = m.num_decoder_layers = 1
-  m.d_model, m.num_heads, m.head_dim, m.d_ff = 32, 4, None, 64
-  m.dropout_rate, m.max_len = 0.0, 16
-  config.data.bucket_lengths = (8, 16)
-  config.data.eval_batch_size = 4
-  config.eval.beam_size = 2
-  config.eval.max_extra_length = 3
-  return config
-
-
-def _train_copy_model(model, tokenizer, rng, steps):
-  optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
-
-  @nnx.jit
-  def train_step(model, optimizer, ids):
-    def loss_fn(model):
-      logits = model(ids, model_lib.shift_right(ids))
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, ids)
-      return jnp.sum(loss * (ids != 0)) / jnp.sum(ids != 0)
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
-    optimizer.update(model, grads)
-    return loss
-
-  for _ in range(steps):
-    ids = np.zeros((64, 8), np.int32)
-    for row in ids:
-      sentence = tokenizer.encode(_sentence(rng)) + [tokenizer.eos_id]
-      row[:len(sentence)] = sentence
-    loss = train_step(model, optimizer, ids)
-  return float(loss)
 
 
 @pytest.fixture(scope='module')
-def workdir(tmp_path_factory):
-  """config.json, vocab/spm.model and checkpoints at steps 250 and 500."""
-  workdir = str(tmp_path_factory.mktemp('copy_workdir'))
-  config = _config()
-  with open(os.path.join(workdir, checkpoint_lib.CONFIG_FILE), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
-  rng = random.Random(0)
-  tokenizer = tokenizer_lib.train_tokenizer(
-      [_sentence(rng) for _ in range(2000)], os.path.join(workdir, 'vocab', 'spm.model'),
-      vocab_size=len(WORDS) + 4, model_type='word')
-  cfg = model_lib.TransformerConfig.from_config(config.model, tokenizer.vocab_size)
-  model = model_lib.Transformer(cfg, rngs=nnx.Rngs(0))
-  ckpt = checkpoint_lib.TrainCheckpointer(workdir, config.checkpoint)
-  saved = {}
-  for step, steps in ((250, 250), (500, 250)):
-    loss = _train_copy_model(model, tokenizer, rng, steps)
-    params = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
-    meta = {'vocab_fingerprint': tokenizer.fingerprint()['sha256'],
-            'vocab_size': tokenizer.vocab_size,
-            'param_shapes': checkpoint_lib.param_shapes(params)}
-    ckpt.save(step, params, {'count': np.zeros((), np.int32)}, {}, meta, force=True)
-    saved[step] = params
-  ckpt.wait()
-  ckpt.close()
-  assert loss < 0.1, loss  # It has learned to copy.
-  return types.SimpleNamespace(path=workdir, params=saved, config=config)
+def workdir(copy_run):
+  return copy_run
 
 
 def _cli(module, *args, stdin=None):
@@ -130,16 +59,6 @@ def test_cli_round_trip_in_input_order_with_bad_lines(workdir):
   assert 'Traceback' not in result.stderr
 
 
-def test_translate_lines_matches_one_sentence_at_a_time(workdir):
-  translator = translate.load_translator(workdir.path, beam_size=2)
-  batched = translate.translate_lines(translator, SENTENCES, batch_size=4,
-                                      progress=False)
-  assert batched == SENTENCES
-  for sentence, expected in zip(SENTENCES, batched):
-    assert translate.translate_lines(translator, [sentence], batch_size=1,
-                                     progress=False) == [expected]
-
-
 def test_cli_files_checkpoint_step_and_greedy(workdir, tmp_path):
   src, out = tmp_path / 'in.txt', tmp_path / 'out.txt'
   src.write_text('\n'.join(SENTENCES) + '\n', encoding='utf-8')
@@ -150,22 +69,7 @@ def test_cli_files_checkpoint_step_and_greedy(workdir, tmp_path):
   assert result.stdout == ''
 
 
-def test_average_last_two_checkpoints_is_the_mean(workdir):
-  translator = translate.load_translator(workdir.path, average_last=2, use_mesh=False)
-  got = nnx.state(translator.model, nnx.Param)
-  expected = jax.tree.map(lambda a, b: (a + b) / 2, workdir.params[250],
-                          workdir.params[500])
-  for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
-    np.testing.assert_allclose(np.asarray(g), e, rtol=1e-6, atol=1e-7)
-  assert not np.allclose(jax.tree.leaves(workdir.params[250])[0],
-                         jax.tree.leaves(workdir.params[500])[0])
-
-
 def test_missing_workdir_checkpoint_and_input_are_clear_errors(workdir, tmp_path):
-  with pytest.raises(FileNotFoundError, match='does not exist'):
-    translate.load_translator(str(tmp_path / 'nowhere'))
-  with pytest.raises(ValueError, match='average the last 5'):
-    translate.load_translator(workdir.path, average_last=5)
   empty = tmp_path / 'empty_workdir'
   empty.mkdir()
   shutil.copy(os.path.join(workdir.path, 'config.json'), empty / 'config.json')
@@ -175,18 +79,13 @@ def test_missing_workdir_checkpoint_and_input_are_clear_errors(workdir, tmp_path
   assert 'Traceback' not in result.stderr
   result = _cli('translate', f'--workdir={workdir.path}', f'--input={tmp_path / "x.txt"}')
   assert result.returncode == 1 and 'x.txt not found' in result.stderr
-
-
-def test_bucket_length():
-  assert translate.bucket_length(5, (8, 16), 64) == 8
-  assert translate.bucket_length(9, (8, 16), 64) == 16
-  assert translate.bucket_length(17, (8, 16), 64) == 32
-  assert translate.bucket_length(40, (8, 16), 48) == 48
-  assert translate.bucket_length(12, (8, 32), 16) == 16
+  result = _cli('translate', f'--workdir={workdir.path}', '--n_best=3', stdin='dog\n')
+  assert result.returncode == 1 and 'Traceback' not in result.stderr
+  assert 'translate: n_best must be between 1 and the beam size (2), got 3' in result.stderr
 
 
 def test_evaluate_bleu_writes_hypotheses_and_json(workdir, tmp_path):
-  translator = translate.load_translator(workdir.path)
+  translator = Translator.from_workdir(workdir.path, use_mesh=False)
   references = list(SENTENCES)
   references[0] = 'the cat sleeps'  # One reference differs from the copy.
   eval_set = types.SimpleNamespace(name='validation', sources=SENTENCES,
@@ -225,21 +124,26 @@ def test_evaluate_cli_on_text_files(workdir, tmp_path):
   src, ref = tmp_path / 'src.txt', tmp_path / 'ref.txt'
   src.write_text('\n'.join(SENTENCES) + '\n')
   ref.write_text('\n'.join(SENTENCES) + '\n')
-  result = _cli('evaluate', f'--workdir={workdir.path}', '--average_last=1',
-                f'--source_file={src}', f'--reference_file={ref}', '--split=test')
+  out = tmp_path / 'results'
+  result = _cli('evaluate', f'--workdir={workdir.path}', '--average_last=2',
+                f'--source_file={src}', f'--reference_file={ref}', '--split=test',
+                f'--output={out}')
   assert result.returncode == 0, result.stderr[-3000:]
-  saved = json.loads(pathlib.Path(workdir.path, 'eval', 'test-step500.json').read_text())
+  saved = json.loads((out / 'test-step500-avg2.json').read_text())
   assert saved['sacrebleu'] == pytest.approx(100.0)
   assert saved['tok_bleu'] == pytest.approx(100.0)
   assert saved['step'] == 500 and saved['num_sentences'] == 5
+  assert saved['average_last'] == 2 and saved['averaged_steps'] == [250, 500]
   assert json.loads(result.stdout) == saved
+  # Quiet by default: no orbax/tensorstore lines, nothing but the progress bar.
+  assert 'orbax' not in result.stderr.lower() and 'WARNING' not in result.stderr
 
 
 def test_evaluate_bleu_with_mesh_sharded_params_splits_the_batch(workdir, tmp_path):
   # Training hands over parameters sharded on its mesh; decoding then splits the
   # batch over ('data', 'fsdp') and must give the single-device translations.
   from transformer_jax import sharding
-  translator = translate.load_translator(workdir.path, use_mesh=False)
+  translator = Translator.from_workdir(workdir.path, use_mesh=False)
   config = workdir.config.copy_and_resolve_references()
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 4, 2, 1
   mesh = sharding.create_mesh(config.mesh)
@@ -247,10 +151,65 @@ def test_evaluate_bleu_with_mesh_sharded_params_splits_the_batch(workdir, tmp_pa
   params = jax.device_put(params, sharding.param_shardings(
       params, mesh, sharding.rules_from_config(config.mesh)))
   model = nnx.merge(graphdef, params, rest)
-  assert evaluate._params_mesh(model) is mesh
+  assert Translator.from_model(model, translator.tokenizer, config).search.mesh is mesh
   eval_set = types.SimpleNamespace(name='test', sources=SENTENCES, references=SENTENCES)
   results = evaluate.evaluate_bleu(model, translator.tokenizer, eval_set, config,
                                    workdir=str(tmp_path), step=7)
   hyps = (tmp_path / 'eval' / 'test-step7.hyp.txt').read_text().splitlines()
-  assert hyps == translate.translate_lines(translator, SENTENCES, progress=False)
+  assert hyps == translator.translate(SENTENCES)
   assert results['sacrebleu'] == pytest.approx(100.0) and results['step'] == 7
+
+
+def test_interactive_mode_answers_each_line_before_the_next_is_sent(workdir):
+  process = subprocess.Popen(
+      [sys.executable, '-m', 'transformer_jax.translate', f'--workdir={workdir.path}',
+       '--interactive', '--n_best=2'],
+      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      cwd=REPO, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  lines = queue.Queue()
+  threading.Thread(target=lambda: [lines.put(l) for l in process.stdout],
+                   daemon=True).start()
+  try:
+    for number, sentence in enumerate(SENTENCES[:3], start=1):
+      process.stdin.write(sentence + '\n')
+      process.stdin.flush()  # stdin stays open: the answer cannot wait for its end.
+      answers = [lines.get(timeout=300).rstrip('\n').split('\t') for _ in range(2)]
+      assert [a[0] for a in answers] == [str(number)] * 2
+      assert answers[0][2] == sentence and answers[1][2] != sentence
+      assert float(answers[0][1]) >= float(answers[1][1])
+    process.stdin.close()
+    assert process.wait(timeout=120) == 0
+  finally:
+    process.kill()
+  assert '3 lines in' in process.stderr.read()
+
+
+def test_n_best_file_output(workdir, tmp_path):
+  src, out = tmp_path / 'in.txt', tmp_path / 'out.tsv'
+  src.write_text('\n'.join([SENTENCES[0], '', SENTENCES[1]]) + '\n', encoding='utf-8')
+  result = _cli('translate', f'--workdir={workdir.path}', '--n_best=2', f'--input={src}',
+                f'--output={out}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = [line.split('\t') for line in out.read_text(encoding='utf-8').splitlines()]
+  assert [r[0] for r in rows] == ['1', '1', '3', '3']  # Line 2 is empty: no rows.
+  assert rows[0][2] == SENTENCES[0] and rows[2][2] == SENTENCES[1]
+  assert float(rows[0][1]) >= float(rows[1][1]) and float(rows[2][1]) >= float(rows[3][1])
+
+
+SHARED_FLAGS = ('--workdir', '--checkpoint_step', '--average_last')
+
+
+@pytest.mark.parametrize('command, own', [
+    ('translate', ('--beam_size', '--input', '--output', '--n_best', '--interactive')),
+    ('evaluate', ('--beam_size', '--split', '--source_file', '--output')),
+    ('explore', ('--beam_size', '--text', '--output')),
+    ('checkpoint', ('--output',)),
+])
+def test_helpshort_lists_the_shared_flags(command, own):
+  result = _cli(command, '--helpshort')
+  assert result.returncode in (0, 1), result.stderr[-2000:]
+  text = result.stdout + result.stderr
+  for flag in SHARED_FLAGS + own:
+    assert re.search(rf'  --(\[no\])?{flag[2:]}:', text), (command, flag, text[-2000:])
+  for old in ('--step:', '--out:', '--out_dir:'):
+    assert old not in text

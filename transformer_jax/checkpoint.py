@@ -1,27 +1,34 @@
-"""Averages the last K checkpoints of a training workdir into a new workdir (Sec 6.1).
+"""Averages the last K checkpoints of a training run into a new run (Sec 6.1).
 
-  python -m transformer_jax.checkpoint --workdir=DIR --average_last=5 [--out_dir=DIR2]
+  python -m transformer_jax.checkpoint --workdir=DIR [--average_last=5]
+      [--checkpoint_step=N] [--output=DIR2]
 
-The checkpoint library itself is ``transformer_jax.run.checkpoint``.
+writes DIR2 (default ``DIR/averaged_lastK``) with the run's config.json, its vocabulary
+and one checkpoint at the last averaged step holding the mean parameters, so
+translate, evaluate, explore and export read it like any run. An output that already
+holds that step is an error (pick another ``--output`` or delete it).
+
+The checkpoint library itself is ``transformer_jax.run.checkpoint``; the run
+directory's layout and restore are ``transformer_jax.run.workdir``.
 """
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
-from transformer_jax.run import checkpoint as checkpoint_lib
+from transformer_jax import cli
+from transformer_jax.run.workdir import Workdir, write_average
 
 
-def main(argv):
-  del argv
-  f = flags.FLAGS
-  out = checkpoint_lib.average_checkpoints(f.workdir, f.average_last, f.out_dir, f.step)
-  print(f'Averaged the last {f.average_last} checkpoints of {f.workdir} into {out}')
+def main(f: flags.FlagValues) -> None:
+  out, restored = write_average(Workdir.open(f.workdir), f.average_last, f.output,
+                                f.checkpoint_step)
+  print(f'Averaged checkpoints {restored.steps} of {f.workdir} into {out.path} '
+        f'(step {restored.step}).')
 
 
 if __name__ == '__main__':
-  flags.DEFINE_string('workdir', None, 'Training workdir.', required=True)
-  flags.DEFINE_integer('average_last', 5, 'How many checkpoints to average.')
-  flags.DEFINE_string('out_dir', None, 'Output workdir (default workdir/averaged_lastK).')
-  flags.DEFINE_integer('step', None, 'Last step to average (default the latest).')
-  app.run(main)
+  cli.define_run_flags(average_last=5)
+  flags.DEFINE_string('output', None, 'The new run folder (default '
+                      'WORKDIR/averaged_lastK).')
+  cli.run(main, 'checkpoint')

@@ -2,10 +2,13 @@
 
   python -m transformer_jax.evaluate --workdir=DIR [--split=test] [--average_last=5]
       [--checkpoint_step=N] [--beam_size=4] [--source_file=F --reference_file=F]
+      [--output=FOLDER]
 
 translates the split named by the workdir's config (``validation`` =
 ``config.data.eval_split``, newstest2013 for WMT14; ``test`` = ``test_split``,
 newstest2014) or the given text files with beam search (Sec 6.1), and writes
+
+(into ``--output``, default DIR/eval)
 
   DIR/eval/<name>.hyp.txt    the translations, one a line, in corpus order
   DIR/eval/<name>.json       {'sacrebleu', 'sacrebleu_signature', 'tok_bleu', 'lc_tok_bleu',
@@ -16,7 +19,7 @@ one pair of files per (split, step, averaging, search): ``<name>`` is e.g.
 
 ``tok_bleu`` is the paper's tokenized, compound-split BLEU; ``sacrebleu`` the
 detokenized figure people compare today; ``lc_tok_bleu`` the lower-cased,
-Moses-tokenized BLEU Multi30k papers report (see ``inference/bleu.py``). Training calls
+Moses-tokenized BLEU Multi30k papers report (see ``bleu.py``). Training calls
 :func:`evaluate_bleu` on its evaluation sets at the end of a run.
 """
 
@@ -24,17 +27,16 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from collections.abc import Sequence
 
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 
-from transformer_jax import sharding
+from transformer_jax import cli
 from transformer_jax import translate
 from transformer_jax.inference import bleu
-from transformer_jax.inference import search as search_lib
+from transformer_jax.inference.translator import Translator
 
 EVAL_DIR = 'eval'
 
@@ -59,17 +61,17 @@ def result_name(split: str, results: dict, config=None) -> str:
   return name
 
 
-def write_results(workdir: str, name: str, hypotheses: Sequence[str],
+def write_results(folder: str, name: str, hypotheses: Sequence[str],
                   results: dict) -> str:
-  """Writes DIR/eval/<name>.hyp.txt and DIR/eval/<name>.json atomically.
+  """Writes <folder>/<name>.hyp.txt and <folder>/<name>.json atomically.
 
   Args:
+    folder: e.g. DIR/eval.
     name: the file stem, ``result_name(...)``.
 
   Returns:
     The path of the JSON file.
   """
-  folder = os.path.join(workdir, EVAL_DIR)
   os.makedirs(folder, exist_ok=True)
   for filename, text in ((f'{name}.hyp.txt', ''.join(h + '\n' for h in hypotheses)),
                          (f'{name}.json', json.dumps(results, indent=2) + '\n')):
@@ -94,28 +96,37 @@ def score_translations(hypotheses: Sequence[str], references: Sequence[str], *,
                                 f'-l {lang} (Multi30k task1-tokenize.sh), multi-bleu'}
 
 
-def evaluate_translator(translator: translate.Translator, sources: Sequence[str],
+def evaluate_translator(translator: Translator, sources: Sequence[str],
                         references: Sequence[str], *, split: str,
-                        workdir: str | None = None, step: int | None = None,
-                        progress: bool = True, extra: dict | None = None) -> dict:
+                        output: str | None = None, progress: bool = True,
+                        extra: dict | None = None) -> dict:
   """Translates ``sources``, scores against ``references``, writes the files.
 
-  ``extra`` entries (e.g. which checkpoints were averaged) join the results.
+  Args:
+    translator: the model and search; its ``step`` (and averaged ``steps``) are
+      recorded in the results.
+    sources, references: the corpus, aligned.
+    split: its name (the files' names).
+    output: the folder for ``<split>.hyp.txt`` and ``<split>.json``; None writes
+      nothing.
+    progress: a progress bar on stderr.
+    extra: entries that join the results.
   """
   if len(sources) != len(references):
     raise ValueError(f'{split}: {len(sources)} sources but {len(references)} references.')
   start = time.perf_counter()
-  hypotheses = translate.translate_lines(translator, sources, progress=progress,
-                                         where=f'{split} split')
+  hypotheses = translator.translate(sources, progress=progress, where=f'{split} split')
   seconds = time.perf_counter() - start
-  decoder = translator.decoder
+  search = translator.search
   results = score_translations(hypotheses, references,
-                               lang=translator.config.data.target_lang, step=step)
-  results.update(split=split, beam_size=decoder.beam_size, length_penalty=decoder.alpha,
-                 max_extra_length=decoder.max_extra_len, decode_seconds=seconds,
-                 **(extra or {}))
-  if workdir is not None and jax.process_index() == 0:
-    path = write_results(workdir, result_name(split, results, translator.config),
+                               lang=translator.config.data.target_lang, step=translator.step)
+  results.update(split=split, beam_size=search.beam_size, length_penalty=search.alpha,
+                 max_extra_length=search.max_extra_len, decode_seconds=seconds)
+  if translator.steps and len(translator.steps) > 1:
+    results['averaged_steps'] = list(translator.steps)
+  results.update(extra or {})
+  if output is not None and jax.process_index() == 0:
+    path = write_results(output, result_name(split, results, translator.config),
                          hypotheses, results)
     logging.info('%s: sacreBLEU %.2f, tokenized BLEU %.2f, lower-cased tokenized BLEU '
                  '%.2f on %d sentences -> %s', split, results['sacrebleu'],
@@ -124,16 +135,6 @@ def evaluate_translator(translator: translate.Translator, sources: Sequence[str]
       logging.info('%s example:\n  source:      %s\n  translation: %s\n  reference:   %s',
                    split, source, hypothesis, reference)
   return results
-
-
-def _params_mesh(model):
-  """The mesh the model's parameters are sharded over (training's), or None."""
-  from flax import nnx
-  for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
-    mesh = getattr(getattr(leaf, 'sharding', None), 'mesh', None)
-    if isinstance(mesh, jax.sharding.Mesh) and mesh.size > 1:
-      return mesh
-  return None
 
 
 def evaluate_bleu(model, tokenizer, eval_set, config, *, workdir: str | None = None,
@@ -145,13 +146,13 @@ def evaluate_bleu(model, tokenizer, eval_set, config, *, workdir: str | None = N
   Args:
     model: a Transformer (e.g. ``nnx.merge`` of the training parameters); when
       its parameters are sharded over a mesh, the batch is split over that mesh's
-      ('data', 'fsdp') axes.
+      ('data', 'fsdp') axes (``Translator.from_model``).
     tokenizer: the run's Tokenizer.
     eval_set: anything with ``sources`` and ``references`` lists
-      (``pipeline.EvalSet``).
+      (``input_pipeline.EvalSet``).
     config: the run's ConfigDict (``eval``, ``data`` groups).
-    workdir: where ``eval/<split>.json`` and ``eval/<split>.hyp.txt`` go; None
-      writes nothing.
+    workdir: the run; ``eval/<split>.json`` and ``eval/<split>.hyp.txt`` go
+      there. None writes nothing.
     step: the training step, recorded in the results.
     split: the split's name (default ``eval_set.name``).
     max_sentences: score only the first N sentences.
@@ -163,16 +164,11 @@ def evaluate_bleu(model, tokenizer, eval_set, config, *, workdir: str | None = N
   """
   split = split or getattr(eval_set, 'name', 'eval')
   n = max_sentences or len(eval_set.sources)
-  e = config.eval
-  mesh = _params_mesh(model)
-  decoder = search_lib.Decoder(
-      model, beam_size=e.beam_size, alpha=e.length_penalty,
-      max_extra_len=e.max_extra_length, mesh=mesh,
-      rules=sharding.rules_from_config(config.mesh) if mesh is not None else None)
-  translator = translate.Translator(model, tokenizer, config, decoder, step)
-  return evaluate_translator(translator, list(eval_set.sources[:n]),
-                             list(eval_set.references[:n]), split=split,
-                             workdir=workdir, step=step, progress=progress, extra=extra)
+  translator = Translator.from_model(model, tokenizer, config, step=step)
+  return evaluate_translator(
+      translator, list(eval_set.sources[:n]), list(eval_set.references[:n]),
+      split=split, output=os.path.join(workdir, EVAL_DIR) if workdir else None,
+      progress=progress, extra=extra)
 
 
 def _read_pairs(source_file: str, reference_file: str) -> tuple[list[str], list[str]]:
@@ -185,43 +181,40 @@ def _read_pairs(source_file: str, reference_file: str) -> tuple[list[str], list[
   return [p[0] for p in text.pairs], [p[1] for p in text.pairs]
 
 
-def main(argv):
-  f = translate.start_cli(argv)
-  try:
-    translator = translate.translator_from_flags()
-    config = translator.config
-    if f.source_file or f.reference_file:
-      if not (f.source_file and f.reference_file):
-        raise ValueError('--source_file and --reference_file go together.')
-      sources, references = _read_pairs(f.source_file, f.reference_file)
-    else:
-      from transformer_jax.data.datasets import sources as sources_lib
-      pairs = sources_lib.load_pairs(config.data, f.split)
-      if pairs is None:
-        raise ValueError(f'The config of {f.workdir} names no {f.split} split; pass '
-                         '--source_file and --reference_file.')
-      sources, references = [p[0] for p in pairs], [p[1] for p in pairs]
-  except (FileNotFoundError, ValueError) as e:
-    print(f'evaluate: {e}', file=sys.stderr)
-    sys.exit(1)
+def main(f: flags.FlagValues) -> None:
+  if f.source_file or f.reference_file:
+    if not (f.source_file and f.reference_file):
+      raise ValueError('--source_file and --reference_file go together.')
+    sources, references = _read_pairs(f.source_file, f.reference_file)
+  translator = translate.translator_from_flags(f)
+  if not f.source_file:
+    from transformer_jax.data.datasets import sources as sources_lib
+    pairs = sources_lib.load_pairs(translator.config.data, f.split)
+    if pairs is None:
+      raise ValueError(f'The config of {f.workdir} names no {f.split} split; pass '
+                       '--source_file and --reference_file.')
+    sources, references = [p[0] for p in pairs], [p[1] for p in pairs]
   if f.max_sentences:
     sources, references = sources[:f.max_sentences], references[:f.max_sentences]
-  step = translator.step
-  if step is None:
-    from transformer_jax.run import checkpoint as checkpoint_lib
-    step = checkpoint_lib.TrainCheckpointer(f.workdir, config.checkpoint,
-                                            read_only=True).latest_step()
-  results = evaluate_translator(translator, sources, references, split=f.split,
-                                workdir=f.workdir, step=step,
-                                extra={'average_last': f.average_last or 1})
+  results = evaluate_translator(
+      translator, sources, references, split=f.split,
+      output=f.output or os.path.join(f.workdir, EVAL_DIR),
+      extra={'average_last': f.average_last})
   print(json.dumps(results, indent=2))
 
 
-if __name__ == '__main__':
-  translate.define_flags()
+def define_flags() -> None:
+  cli.define_run_flags()
+  cli.define_search_flags()
   flags.DEFINE_enum('split', 'test', ['validation', 'test'],
                     'validation = config.data.eval_split, test = config.data.test_split.')
   flags.DEFINE_string('source_file', None, 'Evaluate these sources instead of the split.')
   flags.DEFINE_string('reference_file', None, 'References aligned with --source_file.')
   flags.DEFINE_integer('max_sentences', None, 'Only the first N sentences.')
-  app.run(main)
+  flags.DEFINE_string('output', None, 'Folder for <split>.hyp.txt and <split>.json '
+                      '(default WORKDIR/eval).')
+
+
+if __name__ == '__main__':
+  define_flags()
+  cli.run(main, 'evaluate')

@@ -15,22 +15,18 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import flags
 
-from transformer_jax import translate
+from transformer_jax import cli
 from transformer_jax.inference import export
 
 TARGETS = ('ctranslate2', 'huggingface')
 
 
 def define_flags() -> None:
-  flags.DEFINE_string('workdir', None, 'Training workdir (config.json, vocab/, '
-                      'checkpoints/).', required=True)
+  cli.define_run_flags()
   flags.DEFINE_enum('to', None, TARGETS, 'Export format.', required=True)
   flags.DEFINE_string('output', None, 'Directory to write.', required=True)
-  flags.DEFINE_integer('checkpoint_step', None, 'Checkpoint step (default: the latest).')
-  flags.DEFINE_integer('average_last', None,
-                       'Export the mean of the last K checkpoints (Sec 6.1).')
   flags.DEFINE_enum('quantization', None, export.QUANTIZATIONS,
                     'CTranslate2 weight type (default float32).')
   flags.DEFINE_integer('max_positions', export.DEFAULT_MAX_POSITIONS,
@@ -38,25 +34,19 @@ def define_flags() -> None:
   flags.DEFINE_boolean('force', False, 'Replace --output if it exists.')
 
 
-def main(argv):
-  f = translate.start_cli(argv)
+def main(f: flags.FlagValues) -> None:
   if f.to == 'huggingface' and f.quantization:
-    print('export: --quantization applies to --to=ctranslate2 only.', file=sys.stderr)
-    sys.exit(1)
+    raise ValueError('--quantization applies to --to=ctranslate2 only.')
   common = dict(step=f.checkpoint_step, average_last=f.average_last,
                 max_positions=f.max_positions, force=f.force)
-  try:
-    if f.to == 'ctranslate2':
-      out = export.to_ctranslate2(f.workdir, f.output, quantization=f.quantization,
-                                  **common)
-    else:
-      out = export.to_huggingface(f.workdir, f.output, **common)
-  except export.ExportError as e:
-    print(f'export: {e}', file=sys.stderr)
-    sys.exit(1)
+  if f.to == 'ctranslate2':  # An ExportError (a ValueError) is cli.run's one line.
+    out = export.to_ctranslate2(f.workdir, f.output, quantization=f.quantization,
+                                **common)
+  else:
+    out = export.to_huggingface(f.workdir, f.output, **common)
   print(f'export: wrote {f.to} model to {out}', file=sys.stderr)
 
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main, 'export')

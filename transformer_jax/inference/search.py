@@ -18,14 +18,14 @@ stops as soon as no unfinished hypothesis can beat the finished ones. The loop i
 ``jax.lax.while_loop`` over a buffer of fixed length, so one compilation serves
 every batch of a given source shape.
 
-:class:`Decoder` wires a :class:`~transformer_jax.model.Transformer` into the
+:func:`search_model` wires a :class:`~transformer_jax.model.Transformer` into the
 searches: encode once, project each sentence's cross-attention keys and values
-once (its K beams share them), then run the loop, all inside one ``jax.jit``.
+once (its K beams share them), then run the loop; traceable, so one ``jax.jit``
+holds it all (``inference.translator.BatchSearch`` jits, places and batches it).
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -347,78 +347,3 @@ def search_model(graphdef, state, src: jax.Array, *, beam_size: int, alpha: floa
                      max_decode_len=max_decode_len, max_extra_len=max_extra_len,
                      eos_id=eos_id, bos_id=bos_id, pad_id=pad_id,
                      reorder_fn=model.reorder_cache)
-
-
-@functools.lru_cache(maxsize=16)
-def _compiled_search(graphdef, beam_size: int, alpha: float, max_extra_len: int,
-                     bos_id: int, pad_id: int):
-  """One jitted search per model structure and settings, shared by every Decoder, so
-  decoding again with new parameters (evaluation during training) does not recompile."""
-  return jax.jit(functools.partial(
-      search_model, graphdef, beam_size=beam_size, alpha=alpha,
-      max_extra_len=max_extra_len, eos_id=EOS_ID, bos_id=bos_id, pad_id=pad_id),
-      static_argnames='max_decode_len')
-
-
-class Decoder:
-  """Translates batches of token ids with a Transformer; one compile per [B, S].
-
-  Example::
-
-    decoder = Decoder(model, beam_size=4, alpha=0.6, max_extra_len=50)
-    best = decoder(src)  # src [B, S] int32 -> B lists of ids, EOS stripped
-
-  With a ``mesh`` the batch is split over its ('data', 'fsdp') axes (padded with
-  empty rows to a multiple of their size) and the parameters follow ``rules``.
-  """
-
-  def __init__(self, model, *, beam_size: int = 4, alpha: float = 0.6,
-               max_extra_len: int = 50, mesh=None, rules=None):
-    from flax import nnx
-    from transformer_jax import sharding
-    if beam_size < 1:
-      raise ValueError(f'beam_size must be >= 1, got {beam_size}.')
-    self.cfg = model.cfg
-    self.beam_size, self.alpha, self.max_extra_len = beam_size, alpha, max_extra_len
-    self.mesh, self.rules = mesh, tuple(rules or ())
-    graphdef, self.state = nnx.split(model)
-    if mesh is not None:
-      self.state = jax.device_put(
-          self.state, sharding.param_shardings(self.state, mesh, self.rules))
-    self._search = _compiled_search(graphdef, beam_size, float(alpha),
-                                    int(max_extra_len), self.cfg.bos_id, self.cfg.pad_id)
-
-  def max_decode_len(self, src_len: int) -> int:
-    """L for a source bucket of length S: S + max_extra_len (Sec 6.1)."""
-    length = src_len + self.max_extra_len
-    if self.cfg.positions == 'learned':
-      length = min(length, self.cfg.max_len)  # The position table ends there.
-    return length
-
-  def search(self, src: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """src [B, S] int32 -> (tokens [B, K, L], scores [B, K]) as numpy, best first."""
-    from transformer_jax import sharding
-    src = np.asarray(src, np.int32)
-    if src.ndim != 2:
-      raise ValueError(f'src must be [batch, length], got shape {src.shape}.')
-    batch = src.shape[0]
-    max_decode_len = self.max_decode_len(src.shape[1])
-    if self.mesh is None:
-      tokens, scores = self._search(self.state, src, max_decode_len=max_decode_len)
-    else:
-      shards = sharding.batch_divisor(self.mesh)
-      padded = np.pad(src, ((0, -batch % shards), (0, 0)), constant_values=self.cfg.pad_id)
-      with jax.set_mesh(self.mesh), sharding.logical_rules(self.rules):
-        # Every process holds the whole batch and supplies its own devices' rows.
-        placed = jax.make_array_from_callback(
-            padded.shape, sharding.batch_sharding(self.mesh), lambda idx: padded[idx])
-        tokens, scores = self._search(self.state, placed, max_decode_len=max_decode_len)
-      if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        tokens, scores = multihost_utils.process_allgather((tokens, scores), tiled=True)
-    return np.asarray(tokens)[:batch], np.asarray(scores)[:batch]
-
-  def __call__(self, src: np.ndarray) -> list[list[int]]:
-    """src [B, S] -> the best hypothesis of each row as ids, without EOS."""
-    tokens, _ = self.search(src)
-    return [strip_eos(row, EOS_ID, self.cfg.pad_id) for row in tokens[:, 0]]

@@ -234,6 +234,13 @@ class TrainCheckpointer:
             data=DataStateSave(data_state),
             meta=ocp.args.JsonSave(dict(meta, step=int(step)))))
 
+  def save_params(self, step: int, params, meta: dict) -> None:
+    """Saves parameters and metadata only (an averaged checkpoint), and waits."""
+    self.manager.save(step, force=True, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params),
+        meta=ocp.args.JsonSave(dict(meta, step=int(step)))))
+    self.manager.wait_until_finished()
+
   def reached_preemption(self, step: int) -> bool:
     return self.manager.reached_preemption(step)
 

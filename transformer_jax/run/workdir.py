@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -33,7 +34,6 @@ from transformer_jax.data import tokenizer as tokenizer_lib
 from transformer_jax.run import checkpoint as checkpoint_lib
 
 CONFIG_FILE = 'config.json'
-CHECKPOINT_DIR = 'checkpoints'
 
 
 class Restored(NamedTuple):
@@ -97,7 +97,7 @@ class Workdir:
 
   @property
   def checkpoint_dir(self) -> str:
-    return os.path.join(self.path, CHECKPOINT_DIR)
+    return os.path.join(self.path, checkpoint_lib.CHECKPOINT_DIR)
 
   @property
   def vocab_dir(self) -> str:
@@ -288,3 +288,44 @@ def _concrete(leaf):
     key = jax.random.key(0)
     return jax.random.split(key, leaf.shape) if leaf.shape else key
   return jnp.zeros(leaf.shape, leaf.dtype)
+
+
+def write_average(source: Workdir, average_last: int, output: str | None = None,
+                  step: int | None = None) -> tuple[Workdir, Restored]:
+  """Writes the mean of ``source``'s last ``average_last`` checkpoints as a new run.
+
+  The output holds config.json, the vocabulary and one checkpoint (at the last
+  averaged step, parameters only), so every command reads it like any run.
+
+  Args:
+    source: the training run.
+    average_last: K, how many checkpoints up to ``step`` (Sec 6.1: 5 base, 20 big).
+    output: the new run directory; default ``<source>/averaged_last<K>``.
+    step: the last step to average; default the latest.
+
+  Returns:
+    ``(the output Workdir, what was averaged)``.
+
+  Raises:
+    FileExistsError: the output already holds a checkpoint for that step.
+    FileNotFoundError, ValueError: see :meth:`Workdir.resolve_steps`.
+  """
+  steps = source.resolve_steps(step, average_last)
+  out = Workdir(output or os.path.join(source.path, f'averaged_last{average_last}'),
+                source.config)
+  if out.path == source.path:
+    raise ValueError(f'The output must differ from the source run {source.path}.')
+  if os.path.exists(os.path.join(out.checkpoint_dir, str(steps[-1]))):
+    raise FileExistsError(
+        f'{out.path} already holds a checkpoint for step {steps[-1]}; pick another '
+        'output folder or delete that one.')
+  restored = source.restore(steps[-1], average_last)
+  if jax.process_index() == 0:
+    os.makedirs(out.path, exist_ok=True)
+    shutil.copy(source.config_path, out.config_path)
+    if os.path.isdir(source.vocab_dir):
+      shutil.copytree(source.vocab_dir, out.vocab_dir, dirs_exist_ok=True)
+  out.checkpointer(read_only=False).save_params(restored.step, restored.params,
+                                                dict(restored.meta, averaged_steps=steps))
+  out.close()
+  return out, restored

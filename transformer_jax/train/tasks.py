@@ -173,27 +173,27 @@ def _final_params(setup, params, config, workdir: str):
   Sec 6.1 decodes with the average of the last ``config.eval.average_last``
   checkpoints; with fewer checkpoints saved than that, the latest parameters.
   """
-  from transformer_jax.run import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax import sharding  # pylint: disable=g-import-not-at-top
+  from transformer_jax.run.workdir import Workdir  # pylint: disable=g-import-not-at-top
   steps = _averaged_steps(config, workdir)
   if steps is None:
     logging.info('Final BLEU with the latest parameters (eval.average_last=%s).',
                  config.eval.average_last)
     return params
-  averaged, _, _, _ = checkpoint_lib.restore_params(workdir, average_last=len(steps),
-                                                    mesh=setup.mesh)
-  logging.info('Final BLEU with the average of checkpoints %s (Sec 6.1).', steps)
-  return averaged
+  restored = Workdir.open(workdir).restore(average_last=len(steps), mesh=setup.mesh,
+                                           rules=sharding.rules_from_config(config.mesh))
+  logging.info('Final BLEU with the average of checkpoints %s (Sec 6.1).', restored.steps)
+  return restored.params
 
 
 def _averaged_steps(config, workdir: str) -> list[int] | None:
   """The last ``eval.average_last`` checkpoints the final BLEU averages; None (the
   latest parameters) for 1 or when fewer checkpoints were saved."""
-  from transformer_jax.run import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from transformer_jax.run.workdir import Workdir  # pylint: disable=g-import-not-at-top
   k = int(config.eval.average_last or 1)
   if k <= 1:
     return None
-  steps = checkpoint_lib.TrainCheckpointer(
-      workdir, config.checkpoint, read_only=True).all_steps()
+  steps = Workdir.open(workdir).steps()
   return list(steps[-k:]) if len(steps) >= k else None
 
 

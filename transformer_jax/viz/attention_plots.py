@@ -13,6 +13,15 @@ model: `explore.py` feeds it `Transformer.attention_weights` of one sentence pai
 Every figure has a fixed size in pixels (`figure_size_px` / the `*_size` functions), so
 callers and tests know exactly what they get; `bbox_inches='tight'` is avoided because it
 makes the size depend on the text.
+
+Decoder positions (the rows of decoder self-attention and encoder-decoder attention)
+are labelled by the token they predict, not the token they are fed: position t sees
+'<s> y1 .. y(t-1)' and predicts y(t), so the row of 'Mädchen' shows what the model
+looked at to produce 'Mädchen'.
+
+Figures are drawn on `matplotlib.figure.Figure` objects and saved with the Agg
+renderer, without pyplot: importing this module neither selects a backend nor keeps
+figures in pyplot's global registry.
 """
 
 from __future__ import annotations
@@ -21,11 +30,8 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 
-import matplotlib
-
-matplotlib.use('Agg')  # Files only: no display is needed or wanted.
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
 
 DPI = 100
 HEADS_PER_ROW = 4
@@ -33,12 +39,31 @@ HEADS_PER_ROW = 4
 _CELL_IN = 0.32
 _LABEL_MARGIN_IN = 1.3
 
-# What each attention kind relates: (query side, key side) and a readable name.
+# What each attention kind relates: (query side, key side) and a readable name. Sides:
+# 'source' the encoder input, 'target' the decoder input ('<s>' then the translation),
+# 'predicted' what each decoder position predicts (the translation then '</s>').
 ATTENTION_KINDS = {
     'encoder_self': ('source', 'source', 'Encoder self-attention'),
-    'decoder_self': ('target', 'target', 'Decoder masked self-attention'),
-    'cross': ('target', 'source', 'Encoder-decoder attention'),
+    'decoder_self': ('predicted', 'target', 'Decoder masked self-attention'),
+    'cross': ('predicted', 'source', 'Encoder-decoder attention'),
 }
+
+
+def predicted_from_target(target_tokens: Sequence[str], eos: str = '</s>') -> list[str]:
+  """The tokens decoder positions predict, from the decoder input (shifted left,
+  '</s>' last): ['<s>', 'Ein', 'Mann'] -> ['Ein', 'Mann', '</s>']."""
+  return list(target_tokens[1:]) + [eos]
+
+
+def axis_tokens(kind: str, source_tokens: Sequence[str], target_tokens: Sequence[str],
+                predicted_tokens: Sequence[str] | None = None
+                ) -> tuple[list[str], list[str]]:
+  """(row labels, column labels) of an attention kind's [Q, K] heat maps."""
+  tokens = {'source': list(source_tokens), 'target': list(target_tokens),
+            'predicted': list(predicted_tokens if predicted_tokens is not None
+                              else predicted_from_target(target_tokens))}
+  query_side, key_side, _ = ATTENTION_KINDS[kind]
+  return tokens[query_side], tokens[key_side]
 
 
 def _clamped(length: int) -> float:
@@ -90,10 +115,9 @@ def _check_shape(weights: np.ndarray, query_tokens, key_tokens, what: str):
         f'{len(query_tokens)} query tokens and {len(key_tokens)} key tokens')
 
 
-def _save(fig, path: str) -> str:
+def _save(fig: Figure, path: str) -> str:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=DPI)
-  plt.close(fig)
   return path
 
 
@@ -119,8 +143,8 @@ def plot_head_grid(weights: np.ndarray, query_tokens: Sequence[str],
   cols = min(num_heads, HEADS_PER_ROW)
   rows = math.ceil(num_heads / cols)
   width, height = head_grid_size(num_heads, *weights.shape[1:])
-  fig, axes = plt.subplots(rows, cols, figsize=(width / DPI, height / DPI),
-                           squeeze=False, layout='constrained')
+  fig = Figure(figsize=(width / DPI, height / DPI), layout='constrained')
+  axes = fig.subplots(rows, cols, squeeze=False)
   for head, ax in enumerate(axes.flat):
     if head >= num_heads:
       ax.axis('off')
@@ -137,7 +161,7 @@ def plot_alignment(weights: np.ndarray, query_tokens: Sequence[str],
 
   Args:
     weights: [Q, K], or [N, Q, K] which is averaged over the heads N.
-    query_tokens: Q row labels (target tokens for cross-attention).
+    query_tokens: Q row labels (predicted target tokens for cross-attention).
     key_tokens: K column labels (source tokens for cross-attention).
     path: the .png file to write.
     title: figure title.
@@ -152,11 +176,12 @@ def plot_alignment(weights: np.ndarray, query_tokens: Sequence[str],
     raise ValueError(f'plot_alignment wants weights [Q, K] or [N, Q, K], got {weights.shape}')
   _check_shape(weights, query_tokens, key_tokens, title or 'plot_alignment')
   width, height = alignment_size(*weights.shape)
-  fig, ax = plt.subplots(figsize=(width / DPI, height / DPI), layout='constrained')
+  fig = Figure(figsize=(width / DPI, height / DPI), layout='constrained')
+  ax = fig.subplots()
   image = _heat_map(ax, weights, query_tokens, key_tokens)
   ax.tick_params(labelsize=9)
   ax.set_xlabel('source (keys)')
-  ax.set_ylabel('target (queries)')
+  ax.set_ylabel('predicted target token (queries)')
   fig.colorbar(image, ax=ax, shrink=0.8)
   fig.suptitle(title, fontsize=11)
   return _save(fig, path)
@@ -201,8 +226,8 @@ def plot_positional_encodings(table: np.ndarray, path: str, *,
     dims = sorted({(d_model * k // 16) & ~1 for k in (1, 3, 5, 7)})
   panels = 3 if learned is not None else 2
   width, height = positional_size(learned is not None)
-  fig, axes = plt.subplots(1, panels, figsize=(width / DPI, height / DPI),
-                           layout='constrained')
+  fig = Figure(figsize=(width / DPI, height / DPI), layout='constrained')
+  axes = fig.subplots(1, panels)
   # 'antialiased' averages columns when a wide table has more dims than pixels.
   image = axes[0].imshow(table, cmap='RdBu', vmin=-1, vmax=1, aspect='auto',
                          interpolation='antialiased')
@@ -232,7 +257,8 @@ def plot_positional_encodings(table: np.ndarray, path: str, *,
 
 
 def write_attention_figures(weights: Mapping[str, np.ndarray], source_tokens: Sequence[str],
-                            target_tokens: Sequence[str], out_dir: str) -> list[str]:
+                            target_tokens: Sequence[str], out_dir: str, *,
+                            predicted_tokens: Sequence[str] | None = None) -> list[str]:
   """Writes a head grid per layer and kind, and the last layer's cross-attention alignment.
 
   Args:
@@ -240,29 +266,32 @@ def write_attention_figures(weights: Mapping[str, np.ndarray], source_tokens: Se
       'encoder_self' (Q = K = S), 'decoder_self' (Q = K = T) and 'cross' (Q = T, K = S).
       Missing kinds are skipped.
     source_tokens: S source token labels.
-    target_tokens: T decoder-input token labels.
+    target_tokens: T decoder-input token labels ('<s>' first).
     out_dir: the folder for the PNG files.
+    predicted_tokens: T labels of what each decoder position predicts, the rows of
+      decoder attention; default ``target_tokens`` shifted left with '</s>' last.
 
   Returns:
     The paths written: `{kind}_layer{l}.png` and `cross_alignment.png`.
   """
-  tokens = {'source': list(source_tokens), 'target': list(target_tokens)}
   paths = []
-  for kind, (query_side, key_side, name) in ATTENTION_KINDS.items():
+  for kind, (_, _, name) in ATTENTION_KINDS.items():
     if kind not in weights:
       continue
     layers = np.asarray(weights[kind])
     if layers.ndim != 4:
       raise ValueError(f'{kind}: wants weights [L, N, Q, K], got shape {layers.shape}')
+    rows, columns = axis_tokens(kind, source_tokens, target_tokens, predicted_tokens)
     for layer in range(layers.shape[0]):
       paths.append(plot_head_grid(
-          layers[layer], tokens[query_side], tokens[key_side],
+          layers[layer], rows, columns,
           os.path.join(out_dir, f'{kind}_layer{layer}.png'),
           title=f'{name}, layer {layer}'))
   if 'cross' in weights:
     cross = np.asarray(weights['cross'])
+    rows, columns = axis_tokens('cross', source_tokens, target_tokens, predicted_tokens)
     paths.append(plot_alignment(
-        cross[-1], tokens['target'], tokens['source'],
+        cross[-1], rows, columns,
         os.path.join(out_dir, 'cross_alignment.png'),
         title=f'Encoder-decoder attention, layer {cross.shape[0] - 1}, mean of '
               f'{cross.shape[1]} heads'))

@@ -1,0 +1,114 @@
+"""The flags every command line after training shares, and their common start.
+
+One vocabulary for translate, evaluate, explore and checkpoint (and export):
+
+  --workdir            the training run (config.json, vocab/, checkpoints/)
+  --checkpoint_step    which checkpoint (default the latest)
+  --average_last       the mean of the last K checkpoints up to it (Sec 6.1)
+  --beam_size --alpha --max_extra_length --batch_size   the search (default config.eval)
+  --output             where the command writes (a file or a folder, per command)
+
+Each command defines the groups it needs with :func:`define_run_flags` and
+:func:`define_search_flags` and wraps its ``main`` with :func:`run`. The flags are
+declared key flags of the command, so ``--helpshort`` lists them.
+"""
+
+from __future__ import annotations
+
+import logging as pylogging
+import sys
+from collections.abc import Callable, Sequence
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+
+
+def define_run_flags(*, average_last: int | None = 1) -> None:
+  """--workdir, --checkpoint_step and --average_last (its default; None = no flag)."""
+  flags.DEFINE_string('workdir', None, 'Training run directory (config.json, vocab/, '
+                      'checkpoints/).', required=True)
+  flags.DEFINE_integer('checkpoint_step', None, 'Checkpoint step (default: the latest).')
+  if average_last is not None:
+    flags.DEFINE_integer('average_last', average_last, 'Use the mean of the last K checkpoints up '
+                         'to --checkpoint_step (Sec 6.1: 5 base, 20 big); 1 = none.')
+  _declare_key_flags(['workdir', 'checkpoint_step'] +
+                     (['average_last'] if average_last is not None else []))
+
+
+def define_search_flags(*, batch_size: bool = True) -> None:
+  """--beam_size, --alpha, --max_extra_length (and --batch_size)."""
+  flags.DEFINE_integer('beam_size', None, 'Beam size (default config.eval.beam_size); '
+                       '1 = greedy search.')
+  flags.DEFINE_float('alpha', None, 'Length penalty exponent (default '
+                     'config.eval.length_penalty).')
+  flags.DEFINE_integer('max_extra_length', None, 'Output limit beyond the input length '
+                       '(default config.eval.max_extra_length).')
+  names = ['beam_size', 'alpha', 'max_extra_length']
+  if batch_size:
+    flags.DEFINE_integer('batch_size', None, 'Sentences per batch (default '
+                         'config.data.eval_batch_size).')
+    names.append('batch_size')
+  _declare_key_flags(names)
+
+
+def _declare_key_flags(names: Sequence[str]) -> None:
+  """Makes flags defined here show in the calling command's --helpshort.
+
+  absl lists only the main module's own flags there; these are defined in this
+  module, so each is declared a key flag of the module that runs.
+  """
+  main = sys.modules.get('__main__')
+  if main is None:
+    return
+  for name in names:
+    FLAGS.register_key_flag_for_module(_module_name(main), FLAGS[name])
+
+
+def _module_name(module) -> str:
+  """absl's name for a module: the script path for the one started by ``-m``."""
+  name = module.__name__
+  if name == '__main__':
+    return sys.argv[0]
+  return name
+
+
+class _QuietLibraries(pylogging.Filter):
+  """Drops INFO and WARNING lines of orbax and tensorstore (several per restore),
+  which bury a command's own output; errors stay."""
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    noisy = any(f'/{lib}/' in record.pathname for lib in ('orbax', 'tensorstore'))
+    return record.levelno >= pylogging.ERROR or not noisy
+
+
+def quiet_libraries() -> None:
+  """Unless --verbosity is given: only warnings and errors from our code, none of
+  the libraries' INFO and WARNING lines."""
+  if FLAGS['verbosity'].present:
+    return
+  logging.set_verbosity(logging.WARNING)
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
+    handler.addFilter(_QuietLibraries())
+
+
+def run(main: Callable[[flags.FlagValues], None], name: str) -> None:
+  """``app.run`` for a command: stray arguments are a usage error, library logs are
+  quiet, and the errors a user can fix (missing files, bad values) end the command
+  with one line ``name: message`` and exit status 1 instead of a traceback (which
+  --verbosity shows)."""
+
+  def wrapped(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+      raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    quiet_libraries()
+    try:
+      main(FLAGS)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+      if FLAGS['verbosity'].present:
+        raise
+      print(f'{name}: {e}', file=sys.stderr)
+      sys.exit(1)
+
+  app.run(wrapped)
