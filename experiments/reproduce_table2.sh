@@ -55,7 +55,7 @@ from configs import wmt14_${model} as c; print(c.get_config().eval.average_last)
   averaged="$workdir/averaged_last$average_last"
   rm -rf "$averaged"  # A partial average from an interrupted run.
   "$PYTHON" -m transformer_jax.checkpoint --workdir="$workdir" \
-    --average_last="$average_last" --out_dir="$averaged"
+    --average_last="$average_last" --output="$averaged"
 
   echo "== $model: newstest2014, beam 4, alpha 0.6"
   # The averaged workdir carries the run's config.json (data_dir included).
