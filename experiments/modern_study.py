@@ -94,8 +94,8 @@ def evaluate(workdir: pathlib.Path, data: pathlib.Path, wmt: pathlib.Path | None
   """Beam-4 translations of test2016 (and, for capped runs, dev and WMT), scored
   overall and per target-length bucket."""
   import sacrebleu  # pylint: disable=g-import-not-at-top
-  from transformer_jax import translate  # pylint: disable=g-import-not-at-top
-  translator = translate.load_translator(str(workdir))
+  from transformer_jax.inference.translator import Translator  # pylint: disable=g-import-not-at-top
+  translator = Translator.from_workdir(str(workdir))
   sets = {'test2016': (_read(data / 'test2016.en.gz'), _read(data / 'test2016.de.gz'))}
   if capped:
     sets['dev'] = (_read(data / 'val.en.gz'), _read(data / 'val.de.gz'))
@@ -105,8 +105,7 @@ def evaluate(workdir: pathlib.Path, data: pathlib.Path, wmt: pathlib.Path | None
   result = {}
   for split, (sources, references) in sets.items():
     start = time.time()
-    hypotheses = translate.translate_lines(translator, sources, progress=False,
-                                           where=split)
+    hypotheses = translator.translate(sources, where=split)
     lengths = [len(ids) + 1 for ids in translator.tokenizer.encode_batch(references)]
     entry = {'sacrebleu': sacrebleu.corpus_bleu(hypotheses, [references]).score,
              'sentences': len(sources), 'decode_seconds': time.time() - start,
