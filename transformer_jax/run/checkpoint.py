@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from orbax.checkpoint._src.checkpoint_managers import save_decision_policy as sdp
+from orbax.checkpoint import checkpoint_managers as ocm
 
 CHECKPOINT_DIR = 'checkpoints'
 CONFIG_FILE = 'config.json'
@@ -100,7 +100,7 @@ class DataStateRestore(ocp.args.CheckpointArgs):
 # Save decisions.
 
 
-class _EveryMinutesPolicy(sdp.ContinuousCheckpointingPolicy):
+class _EveryMinutesPolicy(ocm.ContinuousCheckpointingPolicy):
   """Saves when ``minutes`` have passed since the last checkpoint or the start.
 
   Orbax's continuous policy saves at once when no checkpoint exists yet; timing
@@ -194,14 +194,14 @@ class TrainCheckpointer:
   """
 
   def __init__(self, workdir: str, ckpt_cfg, *, read_only: bool = False):
-    policies = [sdp.PreemptionCheckpointingPolicy()]
+    policies = [ocm.PreemptionCheckpointingPolicy()]
     if ckpt_cfg.every_steps and ckpt_cfg.every_steps > 0:
-      policies.append(sdp.FixedIntervalPolicy(int(ckpt_cfg.every_steps)))
+      policies.append(ocm.FixedIntervalPolicy(int(ckpt_cfg.every_steps)))
     if ckpt_cfg.every_minutes and ckpt_cfg.every_minutes > 0:
       policies.append(_EveryMinutesPolicy(float(ckpt_cfg.every_minutes)))
     options = ocp.CheckpointManagerOptions(
         max_to_keep=ckpt_cfg.max_to_keep,
-        save_decision_policy=sdp.AnySavePolicy(policies),
+        save_decision_policy=ocm.AnySavePolicy(policies),
         enable_async_checkpointing=bool(ckpt_cfg.async_save),
         cleanup_tmp_directories=True,
         read_only=read_only,
