@@ -37,7 +37,10 @@ def get_config(arg=None):
   m.positions = 'sinusoidal'  # 'sinusoidal' (Sec 3.5) or 'learned' (Table 3 E).
   m.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16'.
   m.param_dtype = 'float32'  # Parameters and optimizer state stay fp32.
-  m.attention_impl = 'xla'  # 'xla': jax.nn.dot_product_attention; 'einsum'.
+  # 'xla', 'einsum' (reference), 'cudnn' (GPU flash attention), 'splash' (TPU Pallas
+  # kernel) or 'auto' (the backend's fused kernel, xla on CPU); see model/attention.py.
+  m.attention_impl = 'xla'
+  m.remat = 'none'  # Per-layer rematerialisation: 'none', 'dots' or 'full'.
   m.num_classes = 2  # encoder_only: labels of the classification head.
   m.pooling = 'cls'  # encoder_only: 'cls' (first token) or 'mean' (non-padding mean).
 

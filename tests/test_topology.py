@@ -31,6 +31,7 @@ def report():
   devices = _tpu_devices('v5e:2x2')
   config = tiny.get_config()
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 2, 2
+  config.model.attention_impl = 'auto'  # On TPU: the Pallas splash kernel.
   return dry_run.run(config, devices=devices, compile_only=True, decode=True)
 
 
@@ -67,6 +68,15 @@ def test_tpu_report_has_memory_cost_and_collectives(report):
   text = report.format()
   assert 'of 16.0 GiB HBM' in text and 'estimated time' in text
   assert 'beam search (K=' in text
+
+
+def test_auto_attention_compiles_the_splash_kernel_for_tpu(report):
+  # A Mosaic kernel for each attention call of the forward pass (encoder self,
+  # decoder self and cross in the 1 + 1-layer tiny model), more for the backward.
+  assert report.cost.fused_kernels > 3
+  assert 'fused kernels' in report.format()
+  # The decode runs it in the encoder only (one query per row has nothing to tile).
+  assert report.decode.cost.fused_kernels >= 1
 
 
 def test_decode_compiles_for_the_slice(report):

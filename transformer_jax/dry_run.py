@@ -72,6 +72,11 @@ class ParamSharding:
   count: int  # Parameters this line stands for.
 
 
+# Custom-call targets of the fused attention kernels in compiled HLO.
+_FUSED_KERNEL_TARGETS = ('custom_call_target="tpu_custom_call"',
+                         'custom_call_target="__cudnn$fmha')
+
+
 @dataclasses.dataclass(frozen=True)
 class CompiledCost:
   """What the compiler says about one compiled program, per device."""
@@ -83,6 +88,7 @@ class CompiledCost:
   flops: float | None  # cost_analysis()['flops'] (loop bodies counted once).
   estimated_seconds: float | None  # cost_analysis()['optimal_seconds'] (TPU only).
   collectives: tuple  # topology.Collective per kind.
+  fused_kernels: int = 0  # Pallas/Mosaic (TPU) and cuDNN attention custom calls.
 
   @property
   def peak_bytes(self) -> int:
@@ -100,19 +106,23 @@ class CompiledCost:
     if isinstance(cost, list):  # Older jax: one dict per computation.
       cost = cost[0] if cost else {}
     seconds = cost.get('optimal_seconds')
+    text = compiled.as_text() or ''
     return cls(
         argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
         alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
         code_bytes=mem.generated_code_size_in_bytes,
         flops=cost.get('flops'),
         estimated_seconds=seconds if seconds and seconds > 0 else None,
-        collectives=topology.collectives(compiled.as_text() or ''))
+        collectives=topology.collectives(text),
+        fused_kernels=sum(text.count(target) for target in _FUSED_KERNEL_TARGETS))
 
   def format_collectives(self) -> list[str]:
-    if not self.collectives:
-      return ['  collectives       none']
-    return [f'  collectives       {c.kind} x{c.count} ({c.bytes / 2**20:.1f} MiB)'
-            for c in self.collectives]
+    lines = ([f'  collectives       {c.kind} x{c.count} ({c.bytes / 2**20:.1f} MiB)'
+              for c in self.collectives] or ['  collectives       none'])
+    if self.fused_kernels:
+      lines.append(f'  fused kernels     {self.fused_kernels} custom calls '
+                   '(Pallas/cuDNN attention)')
+    return lines
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,6 +330,7 @@ def run(config, *, devices: Sequence | None = None, vocab_size: int | None = Non
   compiled = setup.compiled_train_step(batch)
   state = setup.abstract_state
   chip = topology.chip_spec(list(mesh.devices.flat))
+  peak = chip.peak_flops if chip else flops.peak_flops_per_device(config.train)
   return DryRunReport(
       config_name=config_name,
       mesh=dict(mesh.shape),
@@ -334,12 +345,22 @@ def run(config, *, devices: Sequence | None = None, vocab_size: int | None = Non
       model_flops=(flops.train_flops(setup.model_cfg, b, length, length)
                    if setup.task.name == 'translation'
                    else setup.task.train_flops(setup.model_cfg, batch)),
-      hbm_bytes=chip.hbm_bytes if chip else None,
-      peak_flops=chip.peak_flops if chip else None,
+      hbm_bytes=chip.hbm_bytes if chip else _memory_limit(mesh.devices.flat[0]),
+      peak_flops=peak,
       # Beam search is translation's; the other families have no search to compile.
       decode=(_compile_decode(config, setup, length)
               if decode and setup.task.name == 'translation' else None),
   )
+
+
+def _memory_limit(device) -> int | None:
+  """What a real accelerator device says it can allocate (None on CPU)."""
+  if device.platform == 'cpu':
+    return None
+  try:
+    return (device.memory_stats() or {}).get('bytes_limit')
+  except Exception:  # Compile-only or backends without memory stats.
+    return None
 
 
 def _compile_decode(config, setup, length: int) -> DecodeReport:

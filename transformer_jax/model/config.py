@@ -18,7 +18,8 @@ _LAYER_NORMS = ('post', 'pre')
 _POSITIONS = ('sinusoidal', 'learned', 'rope', 'alibi')
 _NORMS = ('layernorm', 'rmsnorm')
 _FEED_FORWARDS = ('relu', 'swiglu', 'geglu')
-_ATTENTION_IMPLS = ('xla', 'einsum')
+_ATTENTION_IMPLS = ('xla', 'einsum', 'cudnn', 'splash', 'auto')
+_REMAT = ('none', 'dots', 'full')
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
@@ -59,7 +60,12 @@ class TransformerConfig:
   use_bias: bool = True  # False: no biases in any linear map (norms keep theirs).
   dtype: Any = jnp.float32  # Compute dtype.
   param_dtype: Any = jnp.float32
-  attention_impl: str = 'xla'  # 'xla': jax.nn.dot_product_attention; 'einsum'.
+  # 'xla', 'einsum', 'cudnn', 'splash' (TPU Pallas) or 'auto' (the backend's fused
+  # kernel); see model/attention.py for what each supports.
+  attention_impl: str = 'xla'
+  # Rematerialisation of each layer in the backward pass: 'none', 'dots' (keep the
+  # weight matmuls' outputs, recompute the rest) or 'full' (keep only the inputs).
+  remat: str = 'none'
   pad_id: int = 0
   bos_id: int = 2
   num_classes: int = 2  # encoder_only: labels of the classification head.
@@ -88,6 +94,8 @@ class TransformerConfig:
     if self.attention_impl not in _ATTENTION_IMPLS:
       problems.append(f'attention_impl={self.attention_impl!r} '
                       f'(expected one of {_ATTENTION_IMPLS})')
+    if self.remat not in _REMAT:
+      problems.append(f'remat={self.remat!r} (expected one of {_REMAT})')
     if self.head_dim is None and self.d_model % self.num_heads:
       problems.append(f'd_model={self.d_model} is not divisible by '
                       f'num_heads={self.num_heads}; set head_dim')

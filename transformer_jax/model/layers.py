@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from transformer_jax import sharding
+from transformer_jax.model import attention as attention_lib
 from transformer_jax.model.config import TransformerConfig
 from transformer_jax.model.positions import alibi_bias, rotary_embedding
 
@@ -324,10 +325,11 @@ class MultiHeadAttention(nnx.Module):
     """Attention over projected heads and the output projection W^O.
 
     Args:
-      query: [B, T, N, H]; key, value: [B, S, N, H]; mask: [B, 1, T, S] bool.
-      bias: optional float32 logit bias [B, N, T, S] (ALiBi). Every path takes it:
-        the einsum reference adds it to the logits, and jax.nn.dot_product_attention's
-        'xla' implementation takes a bias argument.
+      query: [B, T, N, H]; key, value: [B, S, N, H]; mask: an AttentionMask (what
+        the fused kernels need) or a dense [B, 1, T, S] bool array.
+      bias: optional float32 logit bias [B, N, T, S] (ALiBi). The einsum reference
+        adds it to the logits, jax.nn.dot_product_attention's 'xla' implementation
+        takes it; the fused kernels do not, so with a bias they fall back to xla.
       probs_out: when a list, the probabilities [B, N, T, S] are appended to it
         (visualisation only; uses the einsum path).
 
@@ -339,13 +341,18 @@ class MultiHeadAttention(nnx.Module):
         or query.shape[-1] != value.shape[-1]):
       # jax.nn.dot_product_attention neither returns probabilities nor applies
       # dropout to them, nor takes d_k != d_v, so those cases take the reference path.
-      out, probs = einsum_attention(query, key, value, mask, bias=bias,
-                                    dropout=self.dropout, deterministic=deterministic)
+      out, probs = einsum_attention(query, key, value, attention_lib.dense(mask),
+                                    bias=bias, dropout=self.dropout,
+                                    deterministic=deterministic)
       if probs_out is not None:
         probs_out.append(probs)
-    else:
-      out = jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask,
+    elif bias is not None:
+      out = jax.nn.dot_product_attention(query, key, value, bias=bias,
+                                         mask=attention_lib.dense(mask),
                                          implementation='xla')
+    else:
+      out = attention_lib.dot_product_attention(query, key, value, mask,
+                                                impl=self.cfg.attention_impl)
     return self.output(out)
 
   def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Array, *,

@@ -18,11 +18,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from transformer_jax import sharding
+from transformer_jax.model import attention as attention_lib
 from transformer_jax.model.config import TransformerConfig
 from transformer_jax.model.layers import (DecoderLayer, Embedding, EncoderLayer,
                                           OutputProjection, PositionalEncoding,
-                                          add_bias, attention_mask, constrain_embed,
-                                          layer_norm)
+                                          add_bias, constrain_embed, layer_norm)
 
 Array = jax.Array
 Cache = dict[str, Any]
@@ -53,6 +53,24 @@ def shift_right(targets: Array, positions: Array | None = None, *, bos_id: int =
   if positions is not None:
     shifted = jnp.where(positions == 0, bos_id, shifted)
   return jnp.where(targets == pad_id, pad_id, shifted).astype(targets.dtype)
+
+
+# config.model.remat -> what jax.checkpoint keeps for the backward pass.
+_REMAT_POLICIES = {
+    # The outputs of the weight matmuls (no batch dims: projections, FFN); attention
+    # scores, softmax, norms and dropout are recomputed.
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'full': jax.checkpoint_policies.nothing_saveable,  # Only each layer's inputs.
+}
+
+
+def _remat(cfg, probs_out):
+  """Wraps a layer call in ``nnx.remat`` with the config's policy (identity for
+  'none', and when attention probabilities are being collected: remat replays the
+  forward pass, which must not append to a Python list twice)."""
+  if cfg.remat == 'none' or probs_out is not None:
+    return lambda fn: fn
+  return lambda fn: nnx.remat(fn, policy=_REMAT_POLICIES[cfg.remat])
 
 
 class _Stack(nnx.Module):
@@ -99,12 +117,15 @@ class Encoder(_Stack):
     probs_out: when a list, gets one [B, N, S, S] probability array per layer.
     """
     valid = src != self.cfg.pad_id
-    mask = attention_mask(valid, valid, query_segments=segments, key_segments=segments)
+    mask = attention_lib.make_mask(valid, valid, query_segments=segments,
+                                   key_segments=segments)
     positions = _default_positions(src, positions)
     x = self.embed_tokens(src, positions, deterministic=deterministic)
     for layer in self.layers:
-      x = layer(x, mask, positions=positions, deterministic=deterministic,
-                probs_out=probs_out)
+      x = _remat(self.cfg, probs_out)(
+          lambda layer, x, mask, positions: layer(
+              x, mask, positions=positions, deterministic=deterministic,
+              probs_out=probs_out))(layer, x, mask, positions)
     return self.normalize_output(x)
 
 
@@ -158,18 +179,24 @@ class Decoder(_Stack):
     ``encoded`` and ``src`` are None for a decoder without cross-attention.
     """
     tgt_valid = tgt_in != self.cfg.pad_id
-    self_mask = attention_mask(tgt_valid, tgt_valid, query_segments=tgt_segments,
-                               key_segments=tgt_segments, causal=True)
+    self_mask = attention_lib.make_mask(
+        tgt_valid, tgt_valid, query_segments=tgt_segments, key_segments=tgt_segments,
+        causal=True)
     cross_mask = None
     if src is not None:
-      cross_mask = attention_mask(tgt_valid, src != self.cfg.pad_id,
-                                  query_segments=tgt_segments, key_segments=src_segments)
+      cross_mask = attention_lib.make_mask(
+          tgt_valid, src != self.cfg.pad_id, query_segments=tgt_segments,
+          key_segments=src_segments)
     positions = _default_positions(tgt_in, tgt_positions)
     y = self.embed_tokens(tgt_in, positions, deterministic=deterministic)
+    probs_out = self_probs_out if self_probs_out is not None else cross_probs_out
     for layer in self.layers:
-      y = layer(y, encoded, self_mask, cross_mask, positions=positions,
-                deterministic=deterministic, self_probs_out=self_probs_out,
-                cross_probs_out=cross_probs_out)
+      y = _remat(self.cfg, probs_out)(
+          lambda layer, y, encoded, self_mask, cross_mask, positions: layer(
+              y, encoded, self_mask, cross_mask, positions=positions,
+              deterministic=deterministic, self_probs_out=self_probs_out,
+              cross_probs_out=cross_probs_out))(
+                  layer, y, encoded, self_mask, cross_mask, positions)
     return self.logits(y)
 
 

@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 Array = jax.Array
 
@@ -41,8 +41,12 @@ IMPLS = ('xla', 'einsum', 'cudnn', 'splash', 'auto')
 _SPLASH_BLOCK = 128  # The kernel's default tile; sequences are padded to it.
 
 
-class AttentionMask(NamedTuple):
+@struct.dataclass
+class AttentionMask:
   """Who may attend to whom, both as a dense mask and as the kernels want it.
+
+  A pytree whose arrays are leaves and whose flags are static, so it passes through
+  ``jax.jit``, ``nnx.remat`` and ``nnx.scan`` like the dense mask did.
 
   Attributes:
     dense: [B, 1, T, S] bool, True where query t may attend to key s.
@@ -54,8 +58,8 @@ class AttentionMask(NamedTuple):
   dense: Array
   query_segments: Array
   key_segments: Array
-  causal: bool = False
-  packed: bool = False
+  causal: bool = struct.field(pytree_node=False, default=False)
+  packed: bool = struct.field(pytree_node=False, default=False)
 
 
 def make_mask(query_valid: Array, key_valid: Array, *,
@@ -83,7 +87,12 @@ def make_mask(query_valid: Array, key_valid: Array, *,
   if causal:
     tq, tk = query_valid.shape[1], key_valid.shape[1]
     dense &= jnp.arange(tq)[:, None] >= jnp.arange(tk)[None, :]
-  return AttentionMask(dense[:, None], q_seg, k_seg, causal, packed)
+  return AttentionMask(dense[:, None], q_seg, k_seg, causal=causal, packed=packed)
+
+
+def dense(mask: AttentionMask | Array) -> Array:
+  """The [B, 1, T, S] bool mask of either form."""
+  return mask.dense if isinstance(mask, AttentionMask) else mask
 
 
 def _platform() -> str:

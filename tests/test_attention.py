@@ -1,4 +1,4 @@
-"""Tests for transformer_jax.attention_kernels: every kernel equals the einsum reference.
+"""Tests for transformer_jax.model.attention: every kernel equals the einsum reference.
 
 The TPU splash kernel runs in Pallas interpret mode on CPU; the cuDNN path is checked
 through the arguments it passes (lengths, causal flag, or the dense mask), given to
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from transformer_jax import attention_kernels as ak
+from transformer_jax.model import attention as ak
 from transformer_jax import sharding
 
 B, T, S, N, H = 2, 12, 20, 2, 8
