@@ -1,7 +1,7 @@
 """Command line: continue prompts with a decoder-only language model (KV cache).
 
   python -m transformer_jax.sample --workdir=runs/lm_shakespeare --prompt="ROMEO:" \
-      --max_new_tokens=300 --temperature=0.8 --top_k=40 --seed=0
+      --max_new_tokens=120 --temperature=0.8 --top_k=40 --seed=0
   python -m transformer_jax.sample --workdir=... --prompt="ROMEO:" --prompt="JULIET:"
   python -m transformer_jax.sample --workdir=... --prompt="ROMEO:" --temperature=0  # greedy
 
@@ -20,7 +20,8 @@ def define_flags() -> None:
   flags.DEFINE_string('workdir', None, 'Training workdir of a decoder_only model.',
                       required=True)
   flags.DEFINE_multi_string('prompt', ['\n'], 'Prompt text; repeat the flag for a batch.')
-  flags.DEFINE_integer('max_new_tokens', 500, 'Tokens generated after each prompt.')
+  flags.DEFINE_integer('max_new_tokens', 100, 'Tokens generated after each prompt (prompt '
+                       '+ new tokens <= config.model.max_len with learned positions).')
   flags.DEFINE_float('temperature', 1.0, 'Softmax temperature; 0 = greedy.')
   flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens; 0 = all.')
   flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling: the smallest set reaching this '
