@@ -25,7 +25,9 @@ from typing import Any
 
 import numpy as np
 
-PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
+from transformer_jax.model.config import BOS_ID, EOS_ID, PAD_ID
+
+UNK_ID = 3
 _SPECIALS = 4
 VOCAB_FILE = os.path.join('vocab', 'chars.json')
 _STATE_VERSION = 1

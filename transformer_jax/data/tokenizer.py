@@ -28,9 +28,8 @@ from typing import Any
 from absl import logging
 import sentencepiece as spm
 
-PAD_ID = 0
-EOS_ID = 1
-BOS_ID = 2
+from transformer_jax.model.config import BOS_ID, EOS_ID, PAD_ID
+
 UNK_ID = 3
 
 VOCAB_DIRNAME = 'vocab'

@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
+from transformer_jax.model.config import BOS_ID, EOS_ID, PAD_ID
+
 # Finite stand-in for -inf: keeps sums and divisions free of inf - inf = nan.
 NEG_INF = -1.0e9
 

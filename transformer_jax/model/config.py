@@ -14,6 +14,13 @@ import jax.numpy as jnp
 
 _FAMILIES = ('encoder_decoder', 'decoder_only', 'encoder_only')
 _POOLINGS = ('cls', 'mean')
+# The special ids of every vocabulary here (SentencePiece is trained with them; unk = 3
+# is the tokenizers' own concern): the one definition the model, the tokenizers and
+# the search share.
+PAD_ID = 0
+EOS_ID = 1
+BOS_ID = 2
+
 _LAYER_NORMS = ('post', 'pre')
 _POSITIONS = ('sinusoidal', 'learned', 'rope', 'alibi')
 _NORMS = ('layernorm', 'rmsnorm')
@@ -66,8 +73,8 @@ class TransformerConfig:
   # Rematerialisation of each layer in the backward pass: 'none', 'dots' (keep the
   # weight matmuls' outputs, recompute the rest) or 'full' (keep only the inputs).
   remat: str = 'none'
-  pad_id: int = 0
-  bos_id: int = 2
+  pad_id: int = PAD_ID
+  bos_id: int = BOS_ID
   num_classes: int = 2  # encoder_only: labels of the classification head.
   pooling: str = 'cls'  # encoder_only: 'cls' (the first token) or 'mean' (masked).
 

@@ -19,7 +19,7 @@ from flax import nnx
 
 from transformer_jax import sharding
 from transformer_jax.model import attention as attention_lib
-from transformer_jax.model.config import TransformerConfig
+from transformer_jax.model.config import BOS_ID, PAD_ID, TransformerConfig
 from transformer_jax.model.layers import (DecoderLayer, Embedding, EncoderLayer,
                                           OutputProjection, PositionalEncoding,
                                           add_bias, constrain_embed, layer_norm)
@@ -35,8 +35,8 @@ def _default_positions(ids: Array, positions: Array | None) -> Array:
   return jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
 
 
-def shift_right(targets: Array, positions: Array | None = None, *, bos_id: int = 2,
-                pad_id: int = 0) -> Array:
+def shift_right(targets: Array, positions: Array | None = None, *,
+                bos_id: int = BOS_ID, pad_id: int = PAD_ID) -> Array:
   """Decoder inputs for teacher forcing: targets shifted right, bos at each start.
 
   Args:
