@@ -82,6 +82,9 @@ def get_config(arg=None):
   o.grad_accum_steps = 1  # optax.MultiSteps: micro-batches per update.
   o.clip_grad_norm = 0.0  # 0 disables; the paper does not clip.
   o.weight_decay = 0.0
+  # NaN/inf loss or gradient: 0 = stop before saving; N = skip up to N such updates in
+  # a row (optax.apply_if_finite).
+  o.skip_nonfinite_updates = 0
 
   config.train = ml_collections.ConfigDict()
   t = config.train

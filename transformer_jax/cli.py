@@ -9,19 +9,40 @@ One vocabulary for translate, evaluate, explore and checkpoint (and export):
   --output             where the command writes (a file or a folder, per command)
 
 Each command defines the groups it needs with :func:`define_run_flags` and
-:func:`define_search_flags` and wraps its ``main`` with :func:`run`. The flags are
-declared key flags of the command, so ``--helpshort`` lists them.
+:func:`define_search_flags` and wraps its ``main`` with :func:`run` (training's
+``main`` with :func:`run_training`). The flags are declared key flags of the
+command, so ``--helpshort`` lists them.
+
+The failures an operator can cause and fix (bad data or flags, a missing, locked,
+read-only or full workdir, an incompatible or damaged checkpoint, undecodable
+input, a diverged run) end a command with one line naming the problem and exit
+status 1; ``--verbosity=N`` or ``TRANSFORMER_JAX_TRACEBACK=1`` shows the traceback
+instead. Anything else (a bug) keeps its traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import logging as pylogging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
 from absl import app, flags, logging
 
+from transformer_jax.run.lock import WorkdirLockedError
+
 FLAGS = flags.FLAGS
+TRACEBACK_ENV = 'TRANSFORMER_JAX_TRACEBACK'
+# Errors whose message already says what is wrong and how to fix it.
+EXPECTED = (OSError, ValueError, FloatingPointError, TimeoutError, WorkdirLockedError)
+# Library errors (orbax, tensorstore) that wrap an OS condition in another type.
+_OS_CONDITIONS = {
+    'No space left on device': errno.ENOSPC,
+    'Read-only file system': errno.EROFS,
+    'Permission denied': errno.EACCES,
+    'Disk quota exceeded': errno.EDQUOT,
+}
 
 
 def define_run_flags(*, average_last: int | None = 1) -> None:
@@ -105,10 +126,73 @@ def run(main: Callable[[flags.FlagValues], None], name: str) -> None:
     quiet_libraries()
     try:
       main(FLAGS)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-      if FLAGS['verbosity'].present:
+    except Exception as e:  # pylint: disable=broad-except
+      message = one_line(e)
+      if message is None or _show_traceback():
         raise
-      print(f'{name}: {e}', file=sys.stderr)
+      print(f'{name}: {message}', file=sys.stderr)
       sys.exit(1)
 
   app.run(wrapped)
+
+
+def run_training(main: Callable[[Sequence[str]], None], name: str, **kwargs) -> None:
+  """``app.run(main, **kwargs)`` for training: expected failures as one line.
+
+  Exits without the interpreter's shutdown: after a failed background save, orbax's
+  writer threads would each print a traceback while it tears down.
+  """
+
+  def wrapped(argv: Sequence[str]) -> None:
+    try:
+      main(argv)
+    except Exception as e:  # pylint: disable=broad-except
+      message = one_line(e)
+      if message is None or _show_traceback():
+        raise
+      sys.stdout.flush()
+      print(f'{name}: error: {message}', file=sys.stderr, flush=True)
+      logging.flush()
+      os._exit(1)
+
+  app.run(wrapped, **kwargs)
+
+
+def one_line(e: BaseException) -> str | None:
+  """The one-line message of an expected failure, or None for anything else."""
+  text = ' '.join(str(e).split())
+  for condition, code in _OS_CONDITIONS.items():
+    if condition in text or getattr(e, 'errno', None) == code:
+      where = getattr(e, 'filename', None)
+      return condition + (f': {where}' if where else f' ({_shorten(text)})')
+  if isinstance(e, EXPECTED):
+    if isinstance(e, OSError) and e.filename and e.strerror and not isinstance(
+        e, FileNotFoundError):
+      return f'{e.strerror}: {e.filename}'
+    return _shorten(text) or type(e).__name__
+  return None
+
+
+def _shorten(text: str, limit: int = 600) -> str:
+  return text if len(text) <= limit else text[:limit] + '...'
+
+
+def _show_traceback() -> bool:
+  if os.environ.get(TRACEBACK_ENV, '') not in ('', '0'):
+    return True
+  try:
+    return bool(FLAGS['verbosity'].present)
+  except (KeyError, flags.UnparsedFlagAccessError):
+    return False
+
+
+def check_repeated_overrides(argv: Sequence[str]) -> None:
+  """A ``--config.key`` given twice is an error (ml_collections would silently
+  concatenate two tuple values)."""
+  seen = set()
+  for arg in argv[1:]:
+    if arg.startswith('--config.'):
+      key = arg.split('=', 1)[0]
+      if key in seen:
+        sys.exit(f'Error: {key} is given twice; give each --config.key once.')
+      seen.add(key)

@@ -14,6 +14,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from transformer_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file (configs/*.py), with --config.key=value '
     'overrides.', lock_config=True)
@@ -62,6 +64,11 @@ class _QuietLibraries(pylogging.Filter):
 
   def filter(self, record: pylogging.LogRecord) -> bool:
     noisy = '/orbax/' in record.pathname or '/tensorstore/' in record.pathname
+    if noisy and record.levelno >= pylogging.ERROR:
+      # A failed background save logs its traceback from every writer thread; the
+      # error itself reaches the loop and is reported there in one line.
+      record.msg, record.args = record.getMessage().splitlines()[0][:300], None
+      record.exc_info = record.exc_text = None
     return record.levelno > pylogging.INFO or not noisy
 
 
@@ -76,7 +83,8 @@ def main(argv):
 
 
 def parse_flags(argv):
-  """absl flag parsing, with a one-line error for an unknown --config.key."""
+  """absl flag parsing, with a one-line error for an unknown or repeated --config.key."""
+  cli.check_repeated_overrides(argv)
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:
@@ -96,4 +104,4 @@ def parse_flags(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config'])
-  app.run(main, flags_parser=parse_flags)
+  cli.run_training(main, 'main', flags_parser=parse_flags)

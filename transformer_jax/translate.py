@@ -78,12 +78,30 @@ def translate_interactively(translator: Translator, source: TextIO, out: TextIO,
 
 
 def _read_input(path: str | None) -> list[str]:
+  """Lines of UTF-8 text; bytes that are not UTF-8 are an error naming the line."""
   if path is None:
-    return sys.stdin.read().splitlines()
+    return decode_lines(sys.stdin.buffer.read(), 'stdin')
   if not os.path.exists(path):
     raise FileNotFoundError(f'Input file {path} not found.')
-  with open(path, encoding='utf-8', errors='replace') as f:
-    return f.read().splitlines()
+  with open(path, 'rb') as f:
+    return decode_lines(f.read(), path)
+
+
+def decode_lines(data: bytes, where: str) -> list[str]:
+  """``data`` split into lines and decoded as UTF-8.
+
+  Raises:
+    ValueError: naming ``where``, the line and the first byte that is not UTF-8.
+  """
+  out = []
+  for number, line in enumerate(data.splitlines(), start=1):
+    try:
+      out.append(line.decode('utf-8'))
+    except UnicodeDecodeError as e:
+      raise ValueError(f'{where}, line {number}: not UTF-8 text (byte '
+                       f'0x{line[e.start]:02x} at column {e.start + 1}); translate '
+                       'reads UTF-8 text, one sentence a line.') from None
+  return out
 
 
 def _write_output(path: str | None, text: str) -> None:

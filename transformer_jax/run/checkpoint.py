@@ -27,6 +27,7 @@ import datetime
 import json
 import os
 import shutil
+import time
 from typing import Any
 
 import jax
@@ -34,11 +35,15 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from absl import logging
 from orbax.checkpoint import checkpoint_managers as ocm
+
+from transformer_jax.run import integrity
 
 CHECKPOINT_DIR = 'checkpoints'
 CONFIG_FILE = 'config.json'
 VOCAB_DIR = 'vocab'
+DAMAGED_DIR = 'damaged_checkpoints'
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -171,8 +176,9 @@ def check_compatible(saved_meta: dict, expected_meta: dict, where: str) -> None:
       raise IncompatibleCheckpointError(
           f'Checkpoint {where} holds a different optimizer state than config.optim '
           f'builds ({len(diff)} entries differ, e.g. {diff[0]!r}: {saved.get(diff[0])} '
-          f'saved, {expected.get(diff[0])} now). Was grad_accum_steps, weight_decay or '
-          f'clip_grad_norm changed? Restore the original config.optim to resume.')
+          f'saved, {expected.get(diff[0])} now). Was grad_accum_steps, weight_decay, '
+          'clip_grad_norm or skip_nonfinite_updates changed? Restore the original '
+          'config.optim to resume.')
 
 
 def with_shardings(abstract, shardings):
@@ -190,10 +196,15 @@ class TrainCheckpointer:
 
   Saves every ``ckpt_cfg.every_steps`` steps, every ``ckpt_cfg.every_minutes``
   minutes and on preemption; keeps the last ``ckpt_cfg.max_to_keep``; saves
-  asynchronously when ``ckpt_cfg.async_save``.
+  asynchronously when ``ckpt_cfg.async_save``. Lists only complete steps, writes
+  a checksum manifest of each step it saved once orbax has committed it, and
+  verifies manifest and finiteness on restore (``run/integrity.py``).
   """
 
-  def __init__(self, workdir: str, ckpt_cfg, *, read_only: bool = False):
+  ITEMS = ('params', 'opt_state', 'data', 'meta')
+
+  def __init__(self, workdir: str, ckpt_cfg, *, read_only: bool = False,
+               items: tuple[str, ...] = ITEMS):
     policies = [ocm.PreemptionCheckpointingPolicy()]
     if ckpt_cfg.every_steps and ckpt_cfg.every_steps > 0:
       policies.append(ocm.FixedIntervalPolicy(int(ckpt_cfg.every_steps)))
@@ -206,16 +217,56 @@ class TrainCheckpointer:
         cleanup_tmp_directories=True,
         read_only=read_only,
         create=not read_only)
-    self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+    self.workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
+    self.read_only = read_only
+    self.items = tuple(items)
+    self._unhashed: set[int] = set()  # Saved by this process, manifest not yet written.
+    self._problems: dict[int, str | None] = {}  # Cache of full verifications.
+    self._warned: set[int] = set()
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_names=('params', 'opt_state', 'data', 'meta'))
 
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
+  # -- listing -------------------------------------------------------------
 
   def all_steps(self) -> list[int]:
-    return list(self.manager.all_steps())
+    """The complete steps, oldest first; damaged ones are skipped with a warning."""
+    good = []
+    for step, path in sorted(integrity.step_dirs(self.directory).items()):
+      problem = integrity.structure_problem(path, self.items)
+      if problem is None:
+        good.append(step)
+      else:
+        self._warn_skipped(step, problem)
+    return good
+
+  def latest_step(self) -> int | None:
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def problem(self, step: int) -> str | None:
+    """Why ``step`` cannot be restored (structure, checksums), or None. Cached."""
+    if step not in self._problems:
+      path = self.step_path(step)
+      self._problems[step] = (integrity.structure_problem(path, self.items) or
+                              integrity.checksum_problem(path, self.items))
+    return self._problems[step]
+
+  def step_path(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def mark_damaged(self, step: int, problem: str) -> None:
+    """Records (and warns once) that ``step`` is damaged; ``problem`` says how."""
+    self._problems[step] = problem
+    self._warn_skipped(step, problem)
+
+  def _warn_skipped(self, step: int, problem: str) -> None:
+    if step not in self._warned:
+      self._warned.add(step)
+      logging.warning('Skipping checkpoint %s: %s.', self.step_path(step), problem)
+
+  # -- saving --------------------------------------------------------------
 
   def should_save(self, step: int) -> bool:
     """Whether a save policy (steps, minutes, preemption) asks to save ``step``."""
@@ -226,13 +277,41 @@ class TrainCheckpointer:
     """Saves if a policy asks for it (or ``force``); returns whether it saved."""
     if not force and not self.manager.should_save(step):
       return False
-    return self.manager.save(
+    saved = self.manager.save(
         step, force=force,
         args=ocp.args.Composite(
             params=ocp.args.StandardSave(params),
             opt_state=ocp.args.StandardSave(opt_state),
             data=DataStateSave(data_state),
             meta=ocp.args.JsonSave(dict(meta, step=int(step)))))
+    if saved:
+      self._unhashed.add(int(step))
+    self._write_checksums()
+    return saved
+
+  def _write_checksums(self) -> None:
+    """Manifests for this run's steps that orbax has committed since the last call.
+
+    The final folder appears only when orbax renames the finished temporary one,
+    so a step still being written asynchronously is left for a later call.
+    """
+    if self.read_only or jax.process_index() != 0:
+      self._unhashed.clear()
+      return
+    for step in sorted(self._unhashed):
+      path = self.step_path(step)
+      if not os.path.isdir(path):
+        continue  # Still in its temporary folder, or already rotated out.
+      if os.path.exists(os.path.join(path, integrity.COMMIT_FILE)):
+        try:
+          integrity.write_checksums(path)
+        except FileNotFoundError:  # Deleted by max_to_keep meanwhile.
+          pass
+        self._unhashed.discard(step)
+
+  def check_for_errors(self) -> None:
+    """Raises the error of a failed asynchronous save (e.g. a full disk) now."""
+    self.manager.check_for_errors()
 
   def save_params(self, step: int, params, meta: dict) -> None:
     """Saves parameters and metadata only (an averaged checkpoint), and waits."""
@@ -243,6 +322,8 @@ class TrainCheckpointer:
 
   def reached_preemption(self, step: int) -> bool:
     return self.manager.reached_preemption(step)
+
+  # -- restoring -----------------------------------------------------------
 
   def restore(self, step: int, abstract_params, abstract_opt_state,
               expected_meta: dict):
@@ -257,14 +338,21 @@ class TrainCheckpointer:
 
     Returns:
       ``(params, opt_state, data_state, meta)``.
+
+    Raises:
+      integrity.CorruptCheckpointError: the step is incomplete, its files differ
+        from its manifest, or its values are not finite.
     """
-    where = os.path.join(self.directory, str(step))
+    where = self.step_path(step)
+    problem = self.problem(step)
+    if problem:
+      raise integrity.CorruptCheckpointError(f'Checkpoint {where}: {problem}.')
     meta = self.read_meta(step)
     check_compatible(meta, expected_meta, where)
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_params),
-        opt_state=ocp.args.StandardRestore(abstract_opt_state),
-        data=DataStateRestore()))
+    out = self._restore_items(step, params=ocp.args.StandardRestore(abstract_params),
+                              opt_state=ocp.args.StandardRestore(abstract_opt_state),
+                              data=DataStateRestore())
+    check_finite({'params': out.params, 'opt_state': out.opt_state}, where)
     return out.params, out.opt_state, out.data, meta
 
   def restore_params(self, step: int, abstract_params, expected_meta: dict):
@@ -274,22 +362,99 @@ class TrainCheckpointer:
       step: which checkpoint.
       abstract_params: ShapeDtypeStructs with ``sharding`` set.
       expected_meta: as in :meth:`restore`; checked before arrays are read.
+
+    Raises:
+      integrity.CorruptCheckpointError: as in :meth:`restore`.
     """
-    where = os.path.join(self.directory, str(step))
+    where = self.step_path(step)
+    problem = self.problem(step)
+    if problem:
+      raise integrity.CorruptCheckpointError(f'Checkpoint {where}: {problem}.')
     check_compatible(self.read_meta(step), expected_meta, where)
-    return self.manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_params))).params
+    params = self._restore_items(
+        step, params=ocp.args.StandardRestore(abstract_params)).params
+    check_finite(params, where)
+    return params
+
+  def _restore_items(self, step: int, **args):
+    """orbax restore; a read error of a step without a manifest is damage."""
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(**args))
+    except IncompatibleCheckpointError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      if integrity.has_checksums(self.step_path(step)):
+        raise  # Files verified: not damage, a real error to report as is.
+      raise integrity.CorruptCheckpointError(
+          f'Checkpoint {self.step_path(step)} cannot be read (it has no checksum '
+          f'manifest to tell which file is damaged): {integrity._first_line(e)}') from e
+
+  def restore_latest(self, abstract_params, abstract_opt_state, expected_meta: dict):
+    """Restores the newest intact step, skipping (and setting aside) damaged ones.
+
+    A damaged step is moved to ``workdir/damaged_checkpoints/`` (kept for
+    inspection) unless read-only, so training can save that step number again.
+    A checkpoint of another model or vocabulary is not damage: it raises.
+
+    Returns:
+      ``(step, params, opt_state, data_state, meta)``, or None when no step is
+      intact (a fresh start).
+    """
+    for step in sorted(integrity.step_dirs(self.directory), reverse=True):
+      try:
+        return (step,) + self.restore(step, abstract_params, abstract_opt_state,
+                                      expected_meta)
+      except integrity.CorruptCheckpointError as e:
+        self._set_aside(step, str(e))
+    return None
+
+  def _set_aside(self, step: int, reason: str) -> None:
+    if self.read_only or jax.process_index() != 0:
+      self._warn_skipped(step, reason)
+      return
+    dest_dir = os.path.join(self.workdir, DAMAGED_DIR)
+    os.makedirs(dest_dir, exist_ok=True)
+    dest = os.path.join(dest_dir, f'{step}-{int(time.time())}')
+    os.rename(self.step_path(step), dest)
+    self._warned.add(step)
+    logging.warning('Skipping checkpoint %s (moved to %s): %s', self.step_path(step),
+                    dest, reason.split(': ', 1)[-1])
+    self.manager.reload()
 
   def read_meta(self, step: int) -> dict:
-    return self.manager.restore(
-        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    return self._restore_items(step, meta=ocp.args.JsonRestore()).meta
 
   def wait(self):
     self.manager.wait_until_finished()
+    self._write_checksums()
 
   def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.manager.wait_until_finished()
+      self._write_checksums()
+    finally:
+      self.manager.close()
+
+  def abandon(self) -> None:
+    """Ends the run after an error: waits for saves in flight, but raises none of
+    their errors (a full disk fails every save, and the caller reports the
+    first), and leaves orbax's threads to the exiting process: closing them
+    midway prints a traceback per pending write."""
+    try:
+      self.manager.wait_until_finished()
+      self._write_checksums()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('Saves in flight at the error failed too: %s',
+                      integrity._first_line(e))
+
+
+def check_finite(tree, where: str) -> None:
+  """Raises CorruptCheckpointError naming the arrays of ``tree`` with NaN or inf."""
+  bad = integrity.nonfinite_leaves(tree)
+  if bad:
+    raise integrity.CorruptCheckpointError(
+        f'Checkpoint {where} holds NaN or infinite values in {len(bad)} arrays '
+        f'(e.g. {bad[0]}): saved after the run diverged, or its data is damaged.')
 
 
 # ----------------------------------------------------------------------------
@@ -317,7 +482,8 @@ def abstract_model(workdir: str, vocab_size: int | None = None):
   from transformer_jax import model as model_lib
   config = load_config(workdir)
   if vocab_size is None:
-    ckpt = TrainCheckpointer(workdir, config.checkpoint, read_only=True)
+    ckpt = TrainCheckpointer(workdir, config.checkpoint, read_only=True,
+                             items=('params', 'meta'))
     steps = ckpt.all_steps()
     if not steps:
       raise FileNotFoundError(f'No checkpoints in {ckpt.directory}.')
@@ -333,6 +499,10 @@ def restore_params(workdir: str, step: int | None = None,
                    average_last: int | None = None, *, mesh=None):
   """Restores the model parameters of a training workdir (no optimizer state).
 
+  Only complete, verified, finite steps are used: without ``step``, a damaged
+  latest step is skipped with a warning in favour of the newest intact one; an
+  explicitly requested damaged step is an error naming the damage.
+
   Args:
     workdir: the training workdir (or the output of ``average_checkpoints``).
     step: which checkpoint; default the latest.
@@ -346,43 +516,74 @@ def restore_params(workdir: str, step: int | None = None,
     ``nnx.merge(graphdef, params, rest)`` is the Transformer; ``config`` is the
     workdir's ConfigDict.
   """
+  params, graphdef, rest, config, _ = _restore_params(workdir, step, average_last,
+                                                      mesh=mesh)
+  return params, graphdef, rest, config
+
+
+def _restore_params(workdir, step, average_last, *, mesh=None):
+  """restore_params, plus the list of steps it restored (newest first)."""
   config = load_config(workdir)
-  ckpt = TrainCheckpointer(workdir, config.checkpoint, read_only=True)
+  ckpt = TrainCheckpointer(workdir, config.checkpoint, read_only=True,
+                           items=('params', 'meta'))
   steps = ckpt.all_steps()
   if not steps:
     raise FileNotFoundError(f'No checkpoints in {ckpt.directory}.')
-  step = steps[-1] if step is None else int(step)
-  if step not in steps:
+  explicit = step is not None
+  if explicit and int(step) not in steps:
+    path = ckpt.step_path(int(step))
+    why = (integrity.structure_problem(path, ckpt.items) if os.path.isdir(path)
+           else 'no such step')
     raise FileNotFoundError(f'No checkpoint for step {step} in {ckpt.directory} '
-                            f'(steps: {steps}).')
+                            f'({why}; steps: {steps}).')
+  step = int(step) if explicit else steps[-1]
   k = int(average_last or 1)
-  chosen = [s for s in steps if s <= step][-k:]
+  target = graphdef = rest = expected = None
+  chosen = []
+  for s in reversed([s for s in steps if s <= step]):
+    where = ckpt.step_path(s)
+    try:
+      problem = ckpt.problem(s)
+      if problem:
+        raise integrity.CorruptCheckpointError(f'Checkpoint {where}: {problem}.')
+      meta = ckpt.read_meta(s)
+      if target is None:
+        graphdef, abstract, rest, config = abstract_model(workdir, meta['vocab_size'])
+        target = with_shardings(abstract, _decode_shardings(abstract, mesh, config))
+        expected = dict(meta, param_shapes=param_shapes(abstract))
+      check_compatible(meta, expected, where)
+      params = ckpt._restore_items(s, params=ocp.args.StandardRestore(target)).params
+      check_finite(params, where)
+    except integrity.CorruptCheckpointError as e:
+      if explicit and s == step:
+        raise
+      ckpt._warn_skipped(s, str(e).split(': ', 1)[-1].rstrip('.'))
+      continue
+    chosen.append((s, params))
+    if len(chosen) == k:
+      break
+  if not chosen:
+    raise integrity.CorruptCheckpointError(
+        f'No intact checkpoint in {ckpt.directory}: every step up to {step} is damaged '
+        '(see the warnings above).')
   if len(chosen) < k:
     raise ValueError(f'Asked to average the last {k} checkpoints up to step {step}, '
-                     f'but {ckpt.directory} holds only {chosen}.')
-  meta = ckpt.read_meta(step)
-  graphdef, abstract, rest, config = abstract_model(workdir, meta['vocab_size'])
-  if mesh is None:
-    shardings = jax.tree.map(
-        lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), abstract)
-  else:
-    from transformer_jax import sharding
-    shardings = sharding.param_shardings(
-        abstract, mesh, sharding.rules_from_config(config.mesh))
-  target = with_shardings(abstract, shardings)
-  expected = dict(meta, param_shapes=param_shapes(abstract))
+                     f'but {ckpt.directory} holds only {len(chosen)} intact ones '
+                     f'({sorted(s for s, _ in chosen)}).')
   total = None
-  for s in chosen:
-    check_compatible(ckpt.read_meta(s), expected, os.path.join(ckpt.directory, str(s)))
-    params = ckpt.manager.restore(s, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(target))).params
-    if total is None:
-      total = params
-    else:
-      total = jax.tree.map(lambda a, b: a + b, total, params)
+  for _, params in sorted(chosen, key=lambda c: c[0]):  # Oldest first, as always summed.
+    total = params if total is None else jax.tree.map(lambda a, b: a + b, total, params)
   if len(chosen) > 1:
     total = jax.tree.map(lambda a: (a / len(chosen)).astype(a.dtype), total)
-  return total, graphdef, rest, config
+  return total, graphdef, rest, config, [s for s, _ in chosen]
+
+
+def _decode_shardings(abstract, mesh, config):
+  if mesh is None:
+    return jax.tree.map(
+        lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), abstract)
+  from transformer_jax import sharding
+  return sharding.param_shardings(abstract, mesh, sharding.rules_from_config(config.mesh))
 
 
 def average_checkpoints(workdir: str, last_k: int, out_dir: str | None = None,
@@ -396,18 +597,17 @@ def average_checkpoints(workdir: str, last_k: int, out_dir: str | None = None,
   Returns:
     The output directory (default ``workdir/averaged_last{K}``).
   """
-  params, _, _, config = restore_params(workdir, step, average_last=last_k)
-  ckpt = TrainCheckpointer(workdir, config.checkpoint, read_only=True)
-  steps = ckpt.all_steps()
-  step = steps[-1] if step is None else int(step)
-  meta = ckpt.read_meta(step)
+  params, _, _, config, averaged = _restore_params(workdir, step, last_k)
+  step = averaged[0]
+  meta = TrainCheckpointer(workdir, config.checkpoint, read_only=True,
+                           items=('params', 'meta')).read_meta(step)
   out_dir = out_dir or os.path.join(workdir, f'averaged_last{last_k}')
   os.makedirs(out_dir, exist_ok=True)
   shutil.copy(os.path.join(workdir, CONFIG_FILE), os.path.join(out_dir, CONFIG_FILE))
   if os.path.isdir(os.path.join(workdir, VOCAB_DIR)):
     shutil.copytree(os.path.join(workdir, VOCAB_DIR), os.path.join(out_dir, VOCAB_DIR),
                     dirs_exist_ok=True)
-  averaged = [s for s in steps if s <= step][-last_k:]
+  averaged = sorted(averaged)
   manager = ocp.CheckpointManager(
       os.path.join(os.path.abspath(out_dir), CHECKPOINT_DIR),
       item_names=('params', 'meta'))
@@ -416,5 +616,5 @@ def average_checkpoints(workdir: str, last_k: int, out_dir: str | None = None,
       meta=ocp.args.JsonSave(dict(meta, averaged_steps=averaged))))
   manager.wait_until_finished()
   manager.close()
+  integrity.write_checksums(os.path.join(os.path.abspath(out_dir), CHECKPOINT_DIR, str(step)))
   return out_dir
-

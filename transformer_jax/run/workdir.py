@@ -32,6 +32,7 @@ import ml_collections
 
 from transformer_jax.data import tokenizer as tokenizer_lib
 from transformer_jax.run import checkpoint as checkpoint_lib
+from transformer_jax.run import integrity
 
 CONFIG_FILE = 'config.json'
 
@@ -149,8 +150,10 @@ class Workdir:
     """The run's orbax checkpointer (one per mode, reused). Training asks for
     ``read_only=False``; everything else reads."""
     if read_only not in self._checkpointers:
+      # Decoding needs only params and meta (an averaged workdir holds no more).
+      items = ('params', 'meta') if read_only else checkpoint_lib.TrainCheckpointer.ITEMS
       self._checkpointers[read_only] = checkpoint_lib.TrainCheckpointer(
-          self.path, self.config.checkpoint, read_only=read_only)
+          self.path, self.config.checkpoint, read_only=read_only, items=items)
     return self._checkpointers[read_only]
 
   def close(self) -> None:
@@ -173,6 +176,10 @@ class Workdir:
                     ) -> list[int]:
     """The checkpoints a request means: the ``average_last`` steps up to ``step``.
 
+    Only complete steps whose files match their checksums count: a damaged step
+    is skipped with a warning naming the damage (the newest intact one stands in
+    for a damaged latest), unless it is the explicitly requested ``step``.
+
     Args:
       step: the last step; None = the latest.
       average_last: how many checkpoints to average (None or 1 = just ``step``).
@@ -183,6 +190,7 @@ class Workdir:
     Raises:
       FileNotFoundError: no checkpoints, or none for ``step``.
       ValueError: ``average_last`` < 1, or fewer checkpoints than it asks for.
+      CorruptCheckpointError: the requested ``step`` is damaged, or every one is.
     """
     k = 1 if average_last is None else int(average_last)
     if k < 1:
@@ -190,15 +198,35 @@ class Workdir:
     steps = self.steps()
     if not steps:
       raise FileNotFoundError(f'No checkpoints in {self.checkpoint_dir}.')
+    explicit = step is not None
     step = steps[-1] if step is None else int(step)
+    ckpt = self.checkpointer()
     if step not in steps:
-      raise FileNotFoundError(f'No checkpoint for step {step} in {self.checkpoint_dir} '
-                              f'(steps: {steps}).')
-    chosen = [s for s in steps if s <= step][-k:]
+      path = ckpt.step_path(step)
+      why = (integrity.structure_problem(path, ckpt.items) if os.path.isdir(path)
+             else 'no such step')
+      raise FileNotFoundError(f'No checkpoint for step {step} in '
+                              f'{self.checkpoint_dir} ({why}; steps: {steps}).')
+    chosen = []
+    for s in reversed([s for s in steps if s <= step]):
+      problem = ckpt.problem(s)
+      if problem:
+        if explicit and s == step:
+          raise integrity.CorruptCheckpointError(f'Checkpoint {ckpt.step_path(s)}: '
+                                                 f'{problem}.')
+        ckpt.mark_damaged(s, problem)
+        continue
+      chosen.append(s)
+      if len(chosen) == k:
+        break
+    if not chosen:
+      raise integrity.CorruptCheckpointError(
+          f'No intact checkpoint in {self.checkpoint_dir}: every step up to {step} is '
+          'damaged (see the warnings above).')
     if len(chosen) < k:
       raise ValueError(f'Asked to average the last {k} checkpoints up to step {step}, '
-                       f'but {self.checkpoint_dir} holds only {chosen}.')
-    return chosen
+                       f'but {self.checkpoint_dir} holds only {sorted(chosen)} intact.')
+    return sorted(chosen)
 
   def read_meta(self, step: int) -> dict:
     """A checkpoint's metadata (vocab fingerprint and size, parameter shapes)."""
@@ -244,6 +272,15 @@ class Workdir:
       FileNotFoundError, ValueError: see :meth:`resolve_steps`.
       checkpoint.IncompatibleCheckpointError: a checkpoint does not fit the model.
     """
+    while True:  # Until the steps resolved restore finite, or an error.
+      restored = self._restore(step, average_last, mesh, rules)
+      if restored is not None:
+        return restored
+
+  def _restore(self, step, average_last, mesh, rules) -> Restored | None:
+    """One attempt of :meth:`restore`; None when a step proved damaged (it is
+    then marked, and the next :meth:`resolve_steps` skips it)."""
+    explicit = step
     steps = self.resolve_steps(step, average_last)
     step = steps[-1]
     meta = self.read_meta(step)
@@ -261,7 +298,13 @@ class Workdir:
     ckpt = self.checkpointer()
     total = None
     for s in steps:
-      params = ckpt.restore_params(s, target, expected)
+      try:
+        params = ckpt.restore_params(s, target, expected)
+      except integrity.CorruptCheckpointError as e:  # Unreadable or not finite.
+        if explicit is not None and s == int(explicit):
+          raise
+        ckpt.mark_damaged(s, str(e).split(': ', 1)[-1].rstrip('.'))
+        return None
       total = params if total is None else jax.tree.map(lambda a, b: a + b, total, params)
     if len(steps) > 1:
       total = jax.tree.map(lambda a: (a / len(steps)).astype(a.dtype), total)

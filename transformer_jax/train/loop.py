@@ -40,6 +40,7 @@ from transformer_jax import model as model_lib
 from transformer_jax import sharding
 from transformer_jax.train import tasks as tasks_lib
 from transformer_jax.run import checkpoint as checkpoint_lib
+from transformer_jax.run import lock as lock_lib
 from transformer_jax.train import flops as flops_lib
 from transformer_jax.train import optim
 
@@ -387,7 +388,23 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """
   start_time = time.time()
   workdir = os.path.abspath(workdir)
-  write_config(config, workdir)
+  lock = None
+  if jax.process_index() == 0:
+    lock = lock_lib.WorkdirLock(workdir).acquire()
+    if lock.took_over:
+      logging.warning('Took over the workdir lock of pid %s on host %s, which ended '
+                      'without releasing it.', lock.took_over.get('pid'),
+                      lock.took_over.get('host'))
+  try:
+    return _train_locked(config, workdir, start_time)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train_locked(config, workdir: str, start_time: float) -> dict:
+  # Nothing but the lock (and a fresh run's vocabulary) is written into the
+  # workdir before the restart is known to fit: mesh, vocabulary, shapes.
   mesh = sharding.create_mesh(config.mesh)
   # Every local device holding a batch shard gets whole rows.
   local_batch_shards = max(1, sharding.batch_divisor(mesh) // jax.process_count())
@@ -402,8 +419,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
           'opt_state_shapes': checkpoint_lib.param_shapes(
               setup.abstract_state['opt_state'])}
 
-  latest = ckpt.latest_step()
-  if latest is None:
+  restored = ckpt.restore_latest(setup.abstract_state['params'],
+                                 setup.abstract_state['opt_state'], meta)
+  write_config(config, workdir)
+  if restored is None:
+    latest = None
     state = setup.init_state()
     logging.info('Initialised %s parameters on mesh %s.', f'{_count(state["params"]):,}',
                  dict(mesh.shape))
@@ -415,8 +435,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                'step': state['step']}
       logging.info('Parameters initialised from the latest checkpoint of %s.', init_from)
   else:
-    params, opt_state, data_state, _ = ckpt.restore(
-        latest, setup.abstract_state['params'], setup.abstract_state['opt_state'], meta)
+    latest, params, opt_state, data_state, _ = restored
     state = {'params': params, 'opt_state': opt_state,
              'step': jax.device_put(jnp.asarray(latest, jnp.int32),
                                     setup.state_shardings['step'])}
@@ -438,6 +457,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   profiler = _Profiler(workdir) if config.train.profile else None
   max_minutes = float(config.train.get('max_minutes', 0.0) or 0.0)
   out_of_time = False
+  guard = _FiniteGuard(int(config.optim.get('skip_nonfinite_updates', 0) or 0), ckpt)
   try:
     while step < total_steps:
       local = next(train_iter)
@@ -456,14 +476,23 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if profiler is not None:
         profiler(step - skip_tokens, step)
 
+      if config.checkpoint.async_save:
+        ckpt.check_for_errors()  # A failed background save (full disk) stops the run.
       stop = preemption.requested or ckpt.reached_preemption(step)
       if (max_minutes and not stop and step < total_steps
           and (jax.process_count() == 1 or step % log_every == 0)):
         # Several processes compare clocks only at log steps (one all-gather).
         out_of_time = _agree(time.time() - start_time >= 60 * max_minutes)
         stop = out_of_time
+      save = stop or step == total_steps or ckpt.should_save(step)
+      if save and not (step % log_every == 0 or step == total_steps or stop):
+        # Never save parameters made from a non-finite loss or gradient.
+        guard.check([(i, jax.device_get(m)) for i, m in pending])
       if step % log_every == 0 or step == total_steps or stop:
         fetched = jax.device_get([p[1] for p in pending])
+        guard.check([(i, m) for (i, _), m in zip(pending, fetched)])
+        kept = [(p, m) for p, m in zip(pending, fetched) if _finite(m)]
+        pending, fetched = [p for p, _ in kept], [m for _, m in kept]
         for (i, _), m in zip(pending, fetched):
           history[i] = float(m['loss_sum']) / max(float(m['tokens']), 1.0)
         tokens = sum(float(m['tokens']) for m in fetched)
@@ -475,10 +504,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
         metrics = {
             'train/loss': loss, 'train/perplexity': float(np.exp(nll)),
             'train/learning_rate': setup.learning_rate(step - 1),
-            'train/grad_norm': float(fetched[-1]['grad_norm'])}
+            'train/grad_norm': float(fetched[-1]['grad_norm']) if fetched else 0.0}
         extra = {k: v for k, v in tasks_lib.summarize(
             {k: sum(float(m[k]) for m in fetched) for k in fetched[-1]}).items()
-                 if k not in ('loss', 'perplexity', 'nll', 'tokens')}
+                 if k not in ('loss', 'perplexity', 'nll', 'tokens')} if fetched else {}
         metrics.update({f'train/{k}': v for k, v in extra.items()})
         speed = 'compiling'
         if timed:
@@ -518,7 +547,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                         **{f'eval/{k}': v for k, v in extra.items()}})
           writer.flush()
 
-      if stop or step == total_steps or ckpt.should_save(step):
+      if save:
         ckpt.save(step, state['params'], state['opt_state'], train_iter.get_state(),
                   meta, force=True)
         logging.info('Saving checkpoint for step %d.', step)
@@ -535,9 +564,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
         setup.task.extra_eval(setup, state['params'], tokenizer, eval_sets, config,
                               workdir, step, writer, final=False)
       window_start += time.time() - pause_start
-  finally:
+  except BaseException:
     preemption.restore()
-    ckpt.close()
+    ckpt.abandon()  # Let good saves in flight finish; the error in flight is the news.
+    raise
+  preemption.restore()
+  ckpt.close()
 
   bleu = {}
   if ((step >= total_steps or out_of_time) and eval_sets
@@ -557,6 +589,52 @@ def _agree(flag: bool) -> bool:
     return flag
   from jax.experimental import multihost_utils
   return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss or gradient norm became NaN or infinite: the run diverged."""
+
+
+def _finite(metrics) -> bool:
+  return bool(np.isfinite(float(metrics['loss_sum'])) and
+              np.isfinite(float(metrics['grad_norm'])))
+
+
+class _FiniteGuard:
+  """Checks each step's loss and gradient norm as the loop fetches them.
+
+  With ``skip == 0`` the first non-finite value stops the run before anything
+  is saved. With ``skip = N`` the optimizer (``optax.apply_if_finite``) has
+  already dropped those updates; up to N in a row are tolerated with a warning,
+  the (N+1)-th stops the run, since apply_if_finite then applies it.
+  """
+
+  def __init__(self, skip: int, ckpt):
+    self.skip, self.ckpt, self.in_a_row, self._seen = skip, ckpt, 0, 0
+
+  def check(self, steps_metrics) -> None:
+    for step, m in steps_metrics:
+      if step <= self._seen:
+        continue
+      self._seen = step
+      if _finite(m):
+        self.in_a_row = 0
+        continue
+      self.in_a_row += 1
+      loss = float(m['loss_sum']) / max(float(m['tokens']), 1.0)
+      what = f'loss {loss:.4g}, gradient norm {float(m["grad_norm"]):.4g}'
+      if self.in_a_row <= self.skip:
+        logging.warning('Step %d: %s; update skipped (%d in a row, at most %d).', step,
+                        what, self.in_a_row, self.skip)
+        continue
+      steps = self.ckpt.manager.all_steps()
+      last = (f'step {max(steps)} in {self.ckpt.directory}' if steps else
+              'none (the run never saved one)')
+      raise NonFiniteLossError(
+          f'Training diverged at step {step} ({what}); stopped before saving. Last good '
+          f'checkpoint: {last}. Lower config.optim.learning_rate_scale or raise '
+          'warmup_steps, or set config.optim.skip_nonfinite_updates=N to skip up to N '
+          'such updates in a row.')
 
 
 def _check_same_shapes(local: Batch, step: int) -> None:

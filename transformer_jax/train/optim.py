@@ -48,7 +48,7 @@ def make_optimizer(optim_cfg, d_model: int) -> optax.GradientTransformation:
 
   Args:
     optim_cfg: ``config.optim`` (b1, b2, eps, warmup_steps, learning_rate_scale,
-      clip_grad_norm, weight_decay, grad_accum_steps).
+      clip_grad_norm, weight_decay, grad_accum_steps, skip_nonfinite_updates).
     d_model: model width D (the schedule depends on it).
 
   Returns:
@@ -69,6 +69,10 @@ def make_optimizer(optim_cfg, d_model: int) -> optax.GradientTransformation:
   tx = optax.chain(*parts) if len(parts) > 1 else parts[0]
   if optim_cfg.grad_accum_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=optim_cfg.grad_accum_steps)
+  skip = optim_cfg.get('skip_nonfinite_updates', 0)
+  if skip and skip > 0:
+    # Outermost, so a non-finite micro-batch gradient is not even accumulated.
+    tx = optax.apply_if_finite(tx, max_consecutive_errors=int(skip))
   return tx
 
 
