@@ -140,12 +140,17 @@ def checksum_problem(path: str, items: tuple[str, ...] | None = None) -> str | N
 def nonfinite_leaves(tree) -> list[str]:
   """Paths of the floating-point leaves of ``tree`` holding NaN or infinity."""
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  checks = {}
-  for path, leaf in flat:
-    if jnp.issubdtype(getattr(leaf, 'dtype', np.int32), jnp.inexact):
-      checks[jax.tree_util.keystr(path)] = jnp.isfinite(leaf).all()
-  finite = jax.device_get(checks)
+  floats = {jax.tree_util.keystr(path): leaf for path, leaf in flat
+            if jnp.issubdtype(getattr(leaf, 'dtype', np.int32), jnp.inexact)}
+  # One compiled program for the whole tree (sharded arrays on any mesh, several
+  # hosts included) rather than an eager reduction per array.
+  finite = jax.device_get(_all_finite(floats))
   return [name for name, ok in finite.items() if not bool(ok)]
+
+
+@jax.jit
+def _all_finite(arrays: dict) -> dict:
+  return {name: jnp.isfinite(x).all() for name, x in arrays.items()}
 
 
 def _first_line(e: BaseException) -> str:
