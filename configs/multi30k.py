@@ -1,31 +1,35 @@
-"""Transformer-Tiny on Multi30k English->German: at most an hour of training on a 2-core CPU.
+"""A small Transformer on Multi30k English->German that trains on a 2-core CPU.
 
   MULTI30K_DIR=../shared/data/multi30k .venv/bin/python -m transformer_jax.main \
       --config=configs/multi30k.py --workdir=runs/multi30k
 
-The model and recipe of Wu et al. 2021 ("Good for Misconceived Reasons",
-Transformer-Tiny, 41.0 BLEU on lower-cased, Moses-tokenized test2016 after 8k
-updates): 4+4 layers, d_model 128, d_ff 256, 4 heads, dropout 0.3, shared 8k BPE
-vocabulary, ~4k tokens a batch, beam 5, the average of the last 10 checkpoints.
-Training ends after ``train.max_minutes`` (60) or at ``train.num_steps`` (Wu et al.'s
-8k updates), whichever comes first; on a 2-core CPU the time budget ends it. Then
-the final BLEU (validation and test2016, every metric) with the average of the
-last 10 checkpoints. Measured results: README, Results.
+Default: Table 3 row C's d_model=256 shrunk to 3+3 layers, d_ff 1024 and 4 heads, with a
+shared 8k vocabulary and ~4k target tokens a step; post-LN, as in the paper. 2,000
+steps, capped at ``train.max_minutes`` (70) of training on slower machines; then the
+final BLEU (validation and test2016, every metric) with the average of the last 5
+checkpoints. Measured on a 2-core AMD EPYC from a fresh clone: 71 minutes, 36.22
+sacreBLEU on test2016 with the last parameters, 37.35 with the last 5 averaged (chosen
+on validation: 37.43 averaged vs 37.39 last); README, Results.
+
+``configs/multi30k.py:tiny``: Wu et al. 2021's Transformer-Tiny recipe ("Good for
+Misconceived Reasons": 4+4 layers, d_model 128, d_ff 256, 4 heads, dropout 0.3, beam 5,
+average of the last 10 checkpoints; 41.0 lower-cased tokenized BLEU after 8k updates),
+under a 60-minute budget. Not yet validated against the default on a full run.
 """
 
 from configs import default
 
 
 def get_config(arg=None):
-  del arg
+  if arg not in (None, '', 'tiny'):
+    raise ValueError(f"configs/multi30k.py takes no argument or 'tiny', not {arg!r}")
   config = default.get_config()
   m = config.model
-  m.num_encoder_layers = 4
-  m.num_decoder_layers = 4
-  m.d_model = 128
-  m.num_heads = 4  # d_k = 32.
-  m.d_ff = 256
-  m.dropout_rate = 0.3  # Wu et al.'s Transformer-Tiny; the paper's base uses 0.1.
+  m.num_encoder_layers = 3
+  m.num_decoder_layers = 3
+  m.d_model = 256
+  m.num_heads = 4  # d_k = 64, as in the paper.
+  m.d_ff = 1024
   m.max_len = 128
 
   d = config.data
@@ -33,30 +37,46 @@ def get_config(arg=None):
   d.vocab_size = 8000
   d.vocab_train_sentences = 29_000  # The whole training set.
   d.max_length = 100
-  d.tokens_per_batch = 4096  # Padded target (and source) tokens a step, as fairseq's 4096.
+  d.tokens_per_batch = 4096  # Padded target (and source) tokens a step.
   d.bucket_lengths = (16, 24, 32, 48, 64, 100)
   d.eval_batch_size = 128
 
   o = config.optim
-  # The paper's schedule with a short warm-up: 29k pairs give ~100 steps an epoch.
-  # Peak lr 0.6 * 128^-0.5 * 400^-0.5 = 0.0027 at step 400, then the paper's
-  # inverse square-root decay (the schedule does not depend on num_steps).
-  o.warmup_steps = 400
-  o.learning_rate_scale = 0.6
+  # The paper's schedule with a short warm-up: 29k pairs give ~100 steps an epoch, so
+  # Sec 5.3's 4000 warm-up steps would take the whole CPU budget. Peak lr
+  # 0.4 * 256^-0.5 * 150^-0.5 = 0.002, then the paper's inverse square-root decay.
+  o.warmup_steps = 150
+  o.learning_rate_scale = 0.4
 
   t = config.train
-  t.num_steps = 8000  # Wu et al.'s updates; max_minutes usually ends the run first.
-  t.max_minutes = 60.0  # Training time budget; the final BLEU runs after it.
+  t.num_steps = 2000  # ~19 epochs.
+  t.max_minutes = 70.0  # Ends training on machines slower than the measured one.
   t.log_every_steps = 50
   t.eval_every_steps = 500
-  t.bleu_every_steps = 0  # BLEU (beam 5) on validation and test2016 at the end.
+  t.bleu_every_steps = 0  # BLEU on validation and test2016 at the end.
 
   c = config.checkpoint
-  c.every_steps = 100  # About an epoch; the last 10 are averaged for decoding.
+  c.every_steps = 200  # The last 5 (steps 1200-2000) are averaged for decoding.
   c.every_minutes = 0.0
   c.max_to_keep = 10
 
-  e = config.eval
-  e.beam_size = 5  # Wu et al.
-  e.average_last = 10  # Wu et al.: the average of the last 10 checkpoints.
+  # Sec 6.1 averages the last checkpoints; on validation the last 5 of a 2,000-step
+  # run score 37.43 sacreBLEU against 37.39 for the last parameters alone.
+  config.eval.average_last = 5
+
+  if arg == 'tiny':
+    m.num_encoder_layers = 4
+    m.num_decoder_layers = 4
+    m.d_model = 128
+    m.num_heads = 4  # d_k = 32.
+    m.d_ff = 256
+    m.dropout_rate = 0.3  # Wu et al.'s Transformer-Tiny; the paper's base uses 0.1.
+    # Peak lr 0.6 * 128^-0.5 * 400^-0.5 = 0.0027 at step 400.
+    o.warmup_steps = 400
+    o.learning_rate_scale = 0.6
+    t.num_steps = 8000  # Wu et al.'s updates; max_minutes usually ends the run first.
+    t.max_minutes = 60.0
+    c.every_steps = 100  # About an epoch; the last 10 are averaged for decoding.
+    config.eval.beam_size = 5
+    config.eval.average_last = 10
   return config
