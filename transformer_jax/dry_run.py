@@ -370,11 +370,12 @@ def _compile_decode(config, setup, length: int) -> DecodeReport:
   from flax import nnx
   from transformer_jax import model as model_lib
   from transformer_jax import sharding
-  from transformer_jax.inference import search as search_lib
+  from transformer_jax.inference import translator as translator_lib
+  from transformer_jax.model import config as model_config
 
   mesh, rules, cfg = setup.mesh, setup.rules, setup.model_cfg
   shards = sharding.batch_divisor(mesh)
-  b = -(-int(config.data.eval_batch_size) // shards) * shards  # Decoder pads so.
+  b = -(-int(config.data.eval_batch_size) // shards) * shards  # BatchSearch pads so.
   abstract_model = nnx.eval_shape(
       lambda: model_lib.Transformer(cfg, rngs=nnx.Rngs(params=0, dropout=0)))
   graphdef, state = nnx.split(abstract_model)
@@ -386,9 +387,9 @@ def _compile_decode(config, setup, length: int) -> DecodeReport:
                              sharding=sharding.batch_sharding(mesh))
   beam = int(config.eval.beam_size)
   max_extra = int(config.eval.max_extra_length)
-  search = search_lib._compiled_search(  # The very function Decoder jits.
-      graphdef, beam, float(config.eval.length_penalty), max_extra, cfg.bos_id,
-      cfg.pad_id)
+  search = translator_lib.compiled_search(  # The very function BatchSearch runs.
+      graphdef, beam, float(config.eval.length_penalty), max_extra,
+      eos_id=model_config.EOS_ID, bos_id=cfg.bos_id, pad_id=cfg.pad_id)
   max_decode_len = length + max_extra
   if cfg.positions == 'learned':
     max_decode_len = min(max_decode_len, cfg.max_len)

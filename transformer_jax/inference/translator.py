@@ -53,7 +53,7 @@ class Hypothesis(NamedTuple):
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled_search(graphdef, beam_size: int, alpha: float, max_extra_len: int,
+def compiled_search(graphdef, beam_size: int, alpha: float, max_extra_len: int,
                      eos_id: int, bos_id: int, pad_id: int):
   """One jitted search per model structure and settings, shared by every BatchSearch,
   so decoding again with new parameters (BLEU during training) does not recompile."""
@@ -92,7 +92,7 @@ class BatchSearch:
     if mesh is not None:
       self.state = jax.device_put(
           self.state, sharding.param_shardings(self.state, mesh, self.rules))
-    self._search = _compiled_search(graphdef, beam_size, self.alpha, int(max_extra_len),
+    self._search = compiled_search(graphdef, beam_size, self.alpha, int(max_extra_len),
                                     search_lib.EOS_ID, self.cfg.bos_id, self.cfg.pad_id)
 
   @property
