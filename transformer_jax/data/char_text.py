@@ -20,17 +20,18 @@ import gzip
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+
+from transformer_jax.data import resumable
 
 from transformer_jax.model.config import BOS_ID, EOS_ID, PAD_ID
 
 UNK_ID = 3
 _SPECIALS = 4
 VOCAB_FILE = os.path.join('vocab', 'chars.json')
-_STATE_VERSION = 1
 
 
 def read_text(path: str) -> str:
@@ -126,7 +127,7 @@ def load_or_build_vocabulary(workdir: str, text: str, process_index: int = 0
   return vocab
 
 
-class WindowIterator:
+class WindowIterator(resumable.CountedBatches):
   """Endless [B, T] batches of random windows of ``ids`` (exactly resumable)."""
 
   def __init__(self, ids: np.ndarray, batch_size: int, length: int, *, seed: int,
@@ -151,19 +152,6 @@ class WindowIterator:
 
   def _spec(self) -> dict[str, Any]:
     return {'rows': self._rows, 'length': self._length, 'tokens': int(len(self._ids))}
-
-  def get_state(self) -> dict[str, Any]:
-    return {'version': _STATE_VERSION, 'spec': self._spec(), 'batches': self._batches}
-
-  def set_state(self, state: Mapping[str, Any]) -> None:
-    if state.get('version') != _STATE_VERSION or state.get('spec') != self._spec():
-      raise ValueError(f'The saved data iterator state does not fit this input pipeline '
-                       f'(saved {state.get("spec")}, now {self._spec()}); the data '
-                       'config or corpus changed since the checkpoint.')
-    self._batches = int(state['batches'])
-
-  def close(self) -> None:
-    pass
 
 
 class WindowEvalSet:

@@ -26,14 +26,15 @@ import gzip
 import hashlib
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
+from transformer_jax.data import resumable
+
 from transformer_jax.data import tokenizer as tokenizer_lib
 
-_STATE_VERSION = 1
 _SPECIALS = 4  # pad, eos, bos, unk: never chosen as random replacements.
 
 
@@ -164,7 +165,7 @@ def mlm_predictions(length: int, probability: float) -> int:
   return max(1, math.ceil(probability * length))
 
 
-class SentenceBatches:
+class SentenceBatches(resumable.CountedBatches):
   """Endless length-grouped training batches (classification or masked LM).
 
   Yields {'inputs' [B, L], 'labels' [B, 1]} or, with ``mlm_probability`` > 0,
@@ -224,19 +225,6 @@ class SentenceBatches:
   def _spec(self) -> dict[str, Any]:
     return {'rows': self._rows, 'buckets': list(self._buckets), 'group': self._group,
             'sentences': len(self._ids), 'mlm': self._mlm}
-
-  def get_state(self) -> dict[str, Any]:
-    return {'version': _STATE_VERSION, 'spec': self._spec(), 'batches': self._batches}
-
-  def set_state(self, state: Mapping[str, Any]) -> None:
-    if state.get('version') != _STATE_VERSION or state.get('spec') != self._spec():
-      raise ValueError(f'The saved data iterator state does not fit this input pipeline '
-                       f'(saved {state.get("spec")}, now {self._spec()}); the data '
-                       'config or corpus changed since the checkpoint.')
-    self._batches = int(state['batches'])
-
-  def close(self) -> None:
-    pass
 
 
 class SentenceEvalSet:
