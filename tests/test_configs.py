@@ -135,6 +135,34 @@ def test_other_configs_build(module):
   assert _count_params(config) > 0
 
 
+def test_model_defaults_are_transformer_config_defaults():
+  """configs/default.py's model group is TransformerConfig's defaults, option for
+  option: the defaults are written once (model/config.py), so they cannot drift."""
+  from configs import default
+  model = default.get_config().model
+  fields = {f.name: f.default for f in dataclasses.fields(model_lib.TransformerConfig)}
+  options = set(fields) - {'vocab_size', 'pad_id', 'bos_id'}
+  assert set(model.keys()) == options  # Every option can be set from the command line.
+  for name in options:
+    want = fields[name]
+    if name in ('dtype', 'param_dtype'):
+      want = jax.numpy.dtype(want).name
+    assert model[name] == want, name
+  assert (model_lib.TransformerConfig.from_config(model, 100)
+          == model_lib.TransformerConfig(vocab_size=100))
+  # An option defaulting to None is typed: a command-line value parses as an int.
+  model.head_dim = 64
+  assert model_lib.TransformerConfig.from_config(model, 100).qkv_head_dim == 64
+
+
+@pytest.mark.parametrize('module, arg', [('lm_shakespeare', None), ('sst2', None),
+                                         ('sst2', 'mlm'), ('modern', None)])
+def test_family_configs_build_their_model_config(module, arg):
+  config = importlib.import_module(f'configs.{module}').get_config(arg)
+  cfg = model_lib.TransformerConfig.from_config(config.model, config.data.vocab_size)
+  assert cfg.family == config.model.family
+
+
 # --- experiments/*.sh -----------------------------------------------------------
 
 LAUNCHERS = sorted((REPO_ROOT / 'experiments').glob('*.sh'))
