@@ -201,9 +201,11 @@ def test_row_b_key_dim_decodes_like_the_full_forward_pass():
   assert model.encoder.layers[0].self_attention.value_kernel.shape == (32, 4, 8)
   src, tgt_in = jnp.array([[5, 6, 7, 1, 0]]), jnp.array([[2, 8, 9, 10]])
   full = model(src, tgt_in)
-  encoded, cache = model.encode(src), model.init_cache(1, 4)
+  encoded = model.encode(src)
+  cache = model.init_cache(encoded, src, 4)
+  assert cache['layers'][0]['self']['key'].shape == (1, 4, 3, 4)  # [B, N, d_k, E]
   steps = []
   for t in range(4):
-    logits, cache = model.decode_step(encoded, src, tgt_in[:, t], cache)
+    logits, cache = model.decode_step(tgt_in[:, t:t + 1], cache, index=t)
     steps.append(logits)
-  np.testing.assert_allclose(np.stack(steps, 1), full, atol=1e-5)
+  np.testing.assert_allclose(np.concatenate(steps, 1), full, atol=1e-5)

@@ -1,8 +1,10 @@
 """Tests for the decoder-only family: lm.py, sampling.py, char_text.py, the lm task.
 
-* Cached one-token decoding gives the logits of the full (teacher-forced) pass, and
-  greedy sampling of batched prompts of different lengths continues each prompt with
-  the argmax of the full pass on its prefix.
+* Cached one-token decoding, and ragged prompts prefilled in one pass then stepped,
+  give the logits of the full (teacher-forced) pass; greedy sampling of batched
+  prompts of different lengths continues each prompt with the argmax of the full
+  pass on its prefix, and seeded sampling draws what a token-by-token loop over
+  the uncached model draws with the same key.
 * Causality: changing token j moves no logit before j.
 * The loss of a known example equals its hand-computed cross-entropy.
 * top-k / top-p keep exactly the expected tokens.
@@ -58,10 +60,73 @@ def test_cached_decoding_equals_the_full_forward_pass(lm):
   tokens = _tokens()
   full = lm(tokens)  # [B, T, V]
   cache = lm.init_cache(tokens.shape[0], tokens.shape[1])
-  step = jax.jit(lm.decode_step)
+  step = jax.jit(lambda token, cache, t: lm.decode_step(token, cache, index=t))
   for t in range(tokens.shape[1]):
-    logits, cache = step(tokens[:, t], cache)
-    np.testing.assert_allclose(logits, full[:, t], atol=1e-4, rtol=1e-4, err_msg=f't={t}')
+    logits, cache = step(tokens[:, t:t + 1], cache, t)
+    np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-4, rtol=1e-4,
+                               err_msg=f't={t}')
+
+
+@pytest.mark.parametrize('positions', ['learned', 'rope', 'alibi'])
+def test_ragged_prompts_prefilled_in_one_pass_then_stepped_equal_the_full_pass(
+    positions):
+  """Prompts of 5, 1 and 3 tokens, left-padded to end in one column and prefilled in
+  one parallel pass, then 3 tokens per row one step at a time: each row's logits
+  are those of the full (uncached) pass over that row alone."""
+  lm = families.build_model(_cfg(positions=positions), rngs=nnx.Rngs(params=1, dropout=0))
+  seqs = _tokens(rows=3, length=8, seed=4)
+  full = lm(seqs)  # [B, T, V]
+  lengths, width, steps = np.array([5, 1, 3]), 5, 3
+  pad = width - lengths
+  entries = np.arange(width + steps)
+  started = entries[None, :] >= pad[:, None]  # [B, E]: not before the row's prompt
+  aligned = np.zeros((3, width), np.int32)
+  for b in range(3):
+    aligned[b, pad[b]:] = seqs[b, :lengths[b]]
+  cache = lm.init_cache(3, width + steps)
+  logits, cache = lm.decode_step(
+      jnp.asarray(aligned), cache, index=0,
+      positions=jnp.asarray(np.maximum(entries[None, :width] - pad[:, None], 0)),
+      mask=jnp.asarray(started[:, None, :] & (entries[None, None, :] <=
+                                              entries[:width][None, :, None])))
+  for b in range(3):
+    np.testing.assert_allclose(logits[b, pad[b]:], full[b, :lengths[b]], atol=1e-4,
+                               rtol=1e-4, err_msg=f'prefill row {b}')
+  for i in range(steps):
+    column = width + i
+    token = seqs[np.arange(3), lengths + i][:, None]
+    logits, cache = lm.decode_step(
+        token, cache, index=column, positions=jnp.asarray(lengths[:, None] + i),
+        mask=jnp.asarray(started[:, None, :] & (entries <= column)[None, None, :]))
+    np.testing.assert_allclose(logits[:, 0], full[np.arange(3), lengths + i],
+                               atol=1e-4, rtol=1e-4, err_msg=f'step {i}')
+
+
+def test_prefill_then_sampling_equals_token_by_token_sampling(lm):
+  """The sampler (parallel prefill of ragged prompts, then cached steps) draws what
+  a token-by-token loop over the uncached model draws with the same key: row b's
+  token at position t from its full-pass logits with ``fold_in(key, t - 1)``."""
+  vocab = char_text.CharVocabulary([chr(ord('a') + i) for i in range(VOCAB - 4)])
+  prompts, new, seed = [[5, 9, 7, 4, 11], [6], [8, 8, 12]], 6, 11
+  settings = dict(temperature=0.9, top_k=6, top_p=0.95)
+  out = sampling.Sampler(lm, vocab).sample_ids(prompts, max_new_tokens=new, seed=seed,
+                                               **settings)
+  width = max(map(len, prompts)) + new
+
+  @nnx.jit
+  def next_token(lm, tokens, t):
+    # Causal: the filler after position t - 1 does not change its logits.
+    logits = lm(tokens)[:, t - 1]  # [1, V]
+    keys = jax.random.fold_in(jax.random.key(seed), t - 1)[None]
+    return sampling.choose(logits, keys, **settings)[0]
+
+  for prompt, row in zip(prompts, out):
+    expected = list(prompt)
+    for _ in range(new):
+      tokens = jnp.asarray([expected + [3] * (width - len(expected))], jnp.int32)
+      expected.append(int(next_token(lm, tokens, len(expected))))
+    assert row == expected, prompt
+  assert len({tuple(row[-new:]) for row in out}) == 3  # Draws, not one argmax.
 
 
 def test_greedy_sampling_of_batched_prompts_follows_the_full_pass(lm):

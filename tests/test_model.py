@@ -12,6 +12,7 @@ from flax import nnx
 from configs import default
 from transformer_jax import model as model_lib
 from transformer_jax import sharding
+from transformer_jax.model import attention as attention_lib
 
 TINY = model_lib.TransformerConfig(
     vocab_size=50, num_encoder_layers=2, num_decoder_layers=2, d_model=32,
@@ -187,91 +188,53 @@ def test_fully_masked_rows_have_finite_values_and_gradients(impl):
   # Row 1 is all padding (segment 0): every one of its queries is fully masked.
   segments = jnp.array([[1, 1, 2, 2, 0], [0, 0, 0, 0, 0]])
   valid = segments > 0
-  mask = model_lib.attention_mask(valid, valid, query_segments=segments,
-                                  key_segments=segments)
+  mask = attention_lib.make_mask(valid, valid, query_segments=segments,
+                                 key_segments=segments).dense
   assert not np.asarray(mask)[1].any()
 
   def loss(attention, x):
-    return (attention(x, x, mask) ** 2).sum()
+    return (attention(x, x, mask)[0] ** 2).sum()
 
   value, (param_grads, x_grad) = nnx.value_and_grad(loss, argnums=(0, 1))(attention, x)
   assert np.isfinite(float(value)) and np.isfinite(np.asarray(x_grad)).all()
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(param_grads))
 
 
-@pytest.mark.parametrize('precompute_cross', [True, False])
-def test_cached_decoding_matches_teacher_forcing(model, precompute_cross):
+@pytest.mark.parametrize('prefill', [1, 3])
+def test_cached_decoding_matches_teacher_forcing(model, prefill):
+  """The first ``prefill`` positions in one cached pass, then one position per step:
+  the logits of teacher forcing at every non-padding position."""
   tgt_in = model_lib.shift_right(jnp.asarray(TGT))
   expected = model(SRC, tgt_in)
   encoded = model.encode(SRC)
   batch, length = tgt_in.shape
-  cache = model.init_cache(batch, length + 2,
-                           encoded=encoded if precompute_cross else None)
-  for leaf in jax.tree.leaves(cache['layers']):
+  cache = model.init_cache(encoded, SRC, length + 2)
+  for leaf in jax.tree.leaves(cache):
     assert leaf.shape[0] == batch
   step = jax.jit(model_lib.Transformer.decode_step)
-  # Feed the teacher-forced inputs; a pad input is only ever followed by pads.
   valid = np.asarray(tgt_in != 0)
-  for t in range(length):
-    logits, cache = step(model, encoded, SRC, tgt_in[:, t], cache)
-    assert logits.dtype == jnp.float32
-    rows = valid[:, t]
-    np.testing.assert_allclose(logits[rows], expected[rows, t], atol=1e-5)
-  assert int(cache['index']) == length
+  logits, cache = step(model, tgt_in[:, :prefill], cache, index=0)
+  assert logits.dtype == jnp.float32 and logits.shape == (batch, prefill, TINY.vocab_size)
+  got = [logits]
+  for t in range(prefill, length):
+    logits, cache = step(model, tgt_in[:, t:t + 1], cache, index=t)
+    got.append(logits)
+  got = np.concatenate(got, axis=1)
+  np.testing.assert_allclose(got[valid], np.asarray(expected)[valid], atol=1e-5)
 
 
-def _beam_prefixes(beams):
-  """Decoder inputs [B * K, T] for K beams per source: beam k's tokens are the
-  target's plus 3k (padding stays), so that the beams' prefixes all differ."""
-  tgt_in = np.asarray(model_lib.shift_right(jnp.asarray(TGT)))
-  rows = np.repeat(tgt_in, beams, axis=0)
-  shift = 3 * np.tile(np.arange(beams), len(TGT))[:, None]
-  rows[:, 1:] = np.where(rows[:, 1:] != 0, rows[:, 1:] + shift, 0)
-  return rows
-
-
-def test_beams_share_their_sources_cross_attention_cache(post_model):
-  """K adjacent rows per source, attending to one copy of its keys and values, give
-  the teacher-forced logits of the source repeated K times."""
-  model, beams = post_model, 2
-  rows_tgt_in = _beam_prefixes(beams)
-  expected = model(np.repeat(SRC, beams, axis=0), jnp.asarray(rows_tgt_in))
-  encoded = model.encode(SRC)
-  cache = model.init_cache(len(SRC), 4, encoded=encoded, beams=beams)
-  assert cache['layers'][0]['cross_key'].shape[0] == len(SRC)
-  assert cache['ancestry'].shape == (len(SRC), beams, 4)
-  for t in range(3):
-    logits, cache = model.decode_step(encoded, SRC, jnp.asarray(rows_tgt_in[:, t]), cache)
-    rows = rows_tgt_in[:, t] != 0
-    np.testing.assert_allclose(logits[rows], expected[rows, t], atol=1e-5)
-  with pytest.raises(ValueError, match='encoded has batch'):
-    model.init_cache(len(SRC) + 1, 4, encoded=encoded)
-  with pytest.raises(ValueError, match=r'token must be \[3 sources x 2 beams\]'):
-    model.decode_step(encoded, SRC, jnp.zeros((len(SRC),), jnp.int32), cache)
-
-
-def test_reordered_beams_continue_their_parents_prefixes(post_model):
-  """After ``reorder_cache``, each beam decodes as if teacher-forced on its parent's
-  prefix, although no key or value moved in the cache."""
-  model, beams = post_model, 3
-  rows_tgt_in = _beam_prefixes(beams)
-  encoded = model.encode(SRC)
-  cache = model.init_cache(len(SRC), 5, encoded=encoded, beams=beams)
-  parents = np.array([[2, 0, 0], [1, 2, 1], [0, 1, 2]])
-  for t in range(4):
-    if t == 2:  # Beam k of source b continues beam parents[b, k].
-      cache = model.reorder_cache(cache, jnp.asarray(parents))
-      flat = (np.arange(len(SRC))[:, None] * beams + parents).reshape(-1)
-      rows_tgt_in[:, :2] = rows_tgt_in[flat, :2]
-    logits, cache = model.decode_step(encoded, SRC, jnp.asarray(rows_tgt_in[:, t]), cache)
-  expected = model(np.repeat(SRC, beams, axis=0), jnp.asarray(rows_tgt_in))
-  rows = rows_tgt_in[:, 3] != 0
-  assert rows.sum() >= 6
-  np.testing.assert_allclose(logits[rows], expected[rows, 3], atol=1e-5)
-  # Without the reordering the same inputs give other logits.
-  assert np.abs(np.asarray(logits[rows]) - np.asarray(
-      model(np.repeat(SRC, beams, axis=0), jnp.asarray(_beam_prefixes(beams)))[rows, 3])
-  ).max() > 1e-3
+def test_decode_step_errors_name_the_problem(post_model):
+  encoded = post_model.encode(SRC)
+  cache = post_model.init_cache(encoded, SRC, 4)
+  with pytest.raises(ValueError, match='must have batch_size=3 rows'):
+    post_model.decoder.init_cache(3, 4, encoded[:2], SRC[:2])
+  with pytest.raises(ValueError, match='tgt_in has 2 rows, the cache 3'):
+    post_model.decode_step(jnp.zeros((2, 1), jnp.int32), cache, index=0)
+  with pytest.raises(ValueError, match=r'mask must be \[B, 1, 4\]'):
+    post_model.decode_step(jnp.zeros((3, 1), jnp.int32), cache, index=0,
+                           mask=jnp.ones((3, 1, 5), bool))
+  with pytest.raises(ValueError, match='tokens must be'):
+    post_model.decode_step(jnp.zeros((3,), jnp.int32), cache, index=0)
 
 
 @pytest.mark.parametrize('share', [True, False])
@@ -285,11 +248,9 @@ def test_decode_step_with_a_precomputed_output_kernel(share):
   kernel = model.output_kernel()
   assert kernel.shape == (TINY.d_model, TINY.vocab_size)
   encoded = model.encode(SRC)
-  cache = model.init_cache(len(SRC), 4, encoded=encoded)
-  for t in range(2):
-    logits, cache = model.decode_step(encoded, SRC, tgt_in[:, t], cache,
-                                      output_kernel=kernel)
-    np.testing.assert_allclose(logits, expected[:, t], atol=1e-5)
+  cache = model.init_cache(encoded, SRC, 4)
+  logits, cache = model.decode_step(tgt_in[:, :2], cache, index=0, output_kernel=kernel)
+  np.testing.assert_allclose(logits, expected[:, :2], atol=1e-5)
 
 
 def test_xla_attention_equals_einsum_reference():
@@ -338,10 +299,10 @@ def test_bfloat16_compute_gives_float32_logits_close_to_float32():
   assert np.abs(logits - reference).max() < 0.05 * scale
   encoded = half.encode(SRC)
   assert encoded.dtype == jnp.bfloat16
-  step_logits, cache = half.decode_step(encoded, SRC, tgt_in[:, 0],
-                                        half.init_cache(3, 4, encoded=encoded))
+  step_logits, cache = half.decode_step(tgt_in[:, :1], half.init_cache(encoded, SRC, 4),
+                                        index=0)
   assert step_logits.dtype == jnp.float32
-  assert cache['layers'][0]['key'].dtype == jnp.bfloat16
+  assert cache['layers'][0]['self']['key'].dtype == jnp.bfloat16
 
 
 def test_attention_weights(post_model):

@@ -1,12 +1,15 @@
 """Sampling from a decoder-only language model with its KV cache.
 
-``sample_tokens(step_fn, cache, prompts, prompt_lengths, ...)`` is a pure function
-of a step function and a cache (as beam search is), so it jits once per shape:
+``sample_tokens(decode_fn, cache, prompts, prompt_lengths, ...)`` is a pure function
+of the model's cached decode and a cache (as beam search is), so it jits once per
+shape:
 
-* the prompts (right-padded, of different lengths) are fed one position at a time
-  through the same cached step as the generated tokens: at position t a row whose
-  prompt is longer than t + 1 takes its next prompt token, every other row the
-  token chosen from the step's logits. One loop serves every prompt length.
+* prefill: the prompts (of different lengths) are left-padded to end in the same
+  column and go through the model in one parallel pass that fills the KV cache;
+  each row's cache entries before its prompt are masked out and its positions
+  start at its first token, so a row decodes as it would alone.
+* then one token per row per step through the same cached decode (the model's one
+  forward path with T = 1).
 * choosing: greedy (``temperature=0``) or a draw from softmax(logits / temperature)
   restricted to the ``top_k`` most likely tokens and/or to the smallest set whose
   probability reaches ``top_p`` (nucleus sampling, Holtzman et al. 2020).
@@ -26,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 Array = jax.Array
-StepFn = Callable[[Array, Any], tuple[Array, Any]]
+DecodeFn = Callable[..., tuple[Array, Any]]
 
 
 def filter_logits(logits: Array, *, top_k: int = 0, top_p: float = 1.0) -> Array:
@@ -57,49 +60,92 @@ def filter_logits(logits: Array, *, top_k: int = 0, top_p: float = 1.0) -> Array
 
 def choose(logits: Array, key: Array, *, temperature: float, top_k: int,
            top_p: float) -> Array:
-  """[B, V] logits -> [B] int32 tokens: argmax at temperature 0, else a draw."""
+  """[B, V] logits -> [B] int32 tokens: argmax at temperature 0, else a draw.
+
+  ``key`` is one PRNG key, or [B] keys, one per row (each row then draws as if alone).
+  """
   if temperature <= 0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = filter_logits(logits.astype(jnp.float32) / temperature, top_k=top_k,
                          top_p=top_p)
-  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+  if jnp.ndim(key) == 0:
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+  return jax.vmap(jax.random.categorical)(key, logits).astype(jnp.int32)
 
 
-def sample_tokens(step_fn: StepFn, cache, prompts: Array, prompt_lengths: Array, *,
+def left_align(prompts: Array, prompt_lengths: Array, pad_id: int = 0) -> Array:
+  """Right-padded [B, P] prompts -> the same prompts right-aligned (left-padded), so
+  that every row's last prompt token is in column P - 1."""
+  width = prompts.shape[1]
+  source = jnp.arange(width)[None, :] - (width - prompt_lengths)[:, None]  # [B, P]
+  aligned = jnp.take_along_axis(prompts, jnp.clip(source, 0, width - 1), axis=1)
+  return jnp.where(source >= 0, aligned, pad_id)
+
+
+def sample_tokens(decode_fn: DecodeFn, cache, prompts: Array, prompt_lengths: Array, *,
                   max_new_tokens: int, key: Array, temperature: float = 1.0,
                   top_k: int = 0, top_p: float = 1.0) -> Array:
   """Continues each prompt by ``max_new_tokens`` tokens (traceable; jit it).
 
+  The prompts are left-padded so that they all end in column P - 1 and prefilled
+  in one parallel pass that fills the cache; each row then samples one token per
+  step. Row b's cache entry c holds its position c - (P - prompt_lengths[b]);
+  entries before its prompt are masked out, so ragged prompts decode as if alone.
+
   Args:
-    step_fn: (token [B], cache) -> (logits [B, V] for the next position, cache).
-    cache: the model's empty cache for B rows and at least P + N positions.
+    decode_fn: ``(tokens [B, T], cache, *, index, positions [B, T], mask [B, T, E])
+      -> (logits [B, T, V], cache)``, as ``LanguageModel.decode_step``.
+    cache: the model's empty cache for B rows of P + N entries.
     prompts: [B, P] int32, right-padded.
     prompt_lengths: [B] int32, each >= 1.
     max_new_tokens: N.
-    key: PRNG key; step t draws with ``fold_in(key, t)``.
+    key: PRNG key; row b draws the token at its position t with
+      ``fold_in(key, t - 1)`` (the same key whatever the other rows' prompts).
     temperature, top_k, top_p: as in :func:`choose`.
 
   Returns:
     [B, P + N] int32: row b holds its prompt and then its N new tokens in
-    positions [0, prompt_lengths[b] + N); later positions are filler.
+    positions [0, prompt_lengths[b] + N); later positions are filler (0).
   """
   batch, width = prompts.shape
-  total = width + max_new_tokens
-  tokens = jnp.pad(prompts.astype(jnp.int32), ((0, 0), (0, max_new_tokens)))
+  pad = width - prompt_lengths  # [B] empty columns before each prompt
+  columns = jnp.arange(width + max_new_tokens, dtype=jnp.int32)  # cache entries
+  positions = jnp.maximum(columns[None, :] - pad[:, None], 0)  # [B, P + N]
+  started = columns[None, :] >= pad[:, None]  # [B, P + N]: not before the prompt
 
-  def body(t, carry):
-    tokens, cache = carry
-    logits, cache = step_fn(jax.lax.dynamic_index_in_dim(tokens, t, 1, False), cache)
-    chosen = choose(logits, jax.random.fold_in(key, t), temperature=temperature,
-                    top_k=top_k, top_p=top_p)
-    current = jax.lax.dynamic_index_in_dim(tokens, t + 1, 1, False)  # [B]
-    nxt = jnp.where(t + 1 < prompt_lengths, current, chosen)
-    tokens = jax.lax.dynamic_update_index_in_dim(tokens, nxt, t + 1, 1)
-    return tokens, cache
+  def visible(first, count):
+    """[B, count, P + N] mask of columns first .. first + count - 1."""
+    query = first + jnp.arange(count)
+    return started[:, None, :] & (columns[None, None, :] <= query[None, :, None])
 
-  del batch
-  tokens, _ = jax.lax.fori_loop(0, total - 1, body, (tokens, cache))
-  return tokens
+  def draw(logits, step):
+    """Row b's token at position prompt_lengths[b] + step."""
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(key, prompt_lengths + step - 1)
+    return choose(logits, keys, temperature=temperature, top_k=top_k, top_p=top_p)
+
+  # Prefill: the whole prompt in one pass; its last column predicts the first token.
+  aligned = left_align(prompts.astype(jnp.int32), prompt_lengths)
+  logits, cache = decode_fn(aligned, cache, index=0, positions=positions[:, :width],
+                            mask=visible(0, width))
+  new = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(
+      draw(logits[:, -1], 0))
+
+  def body(step, carry):
+    new, cache = carry
+    column = width + step - 1  # Where the previous new token goes.
+    logits, cache = decode_fn(
+        jax.lax.dynamic_slice_in_dim(new, step - 1, 1, axis=1), cache, index=column,
+        positions=jax.lax.dynamic_slice_in_dim(positions, column, 1, axis=1),
+        mask=visible(column, 1))
+    return new.at[:, step].set(draw(logits[:, 0], step)), cache
+
+  new, _ = jax.lax.fori_loop(1, max_new_tokens, body, (new, cache))
+  # Back to right-padded rows: prompt, new tokens, filler.
+  out = jnp.concatenate([aligned, new], axis=1)  # [B, P + N]
+  source = columns[None, :] + pad[:, None]
+  return jnp.where(source < width + max_new_tokens,
+                   jnp.take_along_axis(out, jnp.clip(source, 0, width + max_new_tokens - 1),
+                                       axis=1), 0)
 
 
 @functools.lru_cache(maxsize=8)

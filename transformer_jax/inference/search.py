@@ -8,9 +8,10 @@ The searches are pure functions of arrays. They see the model only through
 where R is the number of rows being decoded (B for greedy search, B * K for beam
 search, beams of one sentence adjacent) and ``cache`` is any pytree of arrays. By
 default beam search reorders a cache whose leaves all have the rows as leading axis
-by gathering rows; the Transformer's cache (``Transformer.init_cache``) instead
-keeps keys and values in place and reorders only each beam's ancestry
-(``Transformer.reorder_cache``).
+by gathering rows; with the Transformer (:func:`search_model`) the cache is a
+:class:`BeamCache`, which keeps keys and values in place and reorders only each
+beam's ancestry (:func:`reorder_beams`). The model knows nothing about beams: its
+``decode_step`` writes and attends to cache entries under the mask it is given.
 
 Sec 6.1 of the paper: beam size 4, length penalty alpha = 0.6 in the GNMT form
 ((5 + |Y|) / 6)^alpha, maximum output length = input length + 50, and the search
@@ -20,12 +21,14 @@ every batch of a given source shape.
 
 :func:`search_model` wires a :class:`~transformer_jax.model.Transformer` into the
 searches: encode once, project each sentence's cross-attention keys and values
-once (its K beams share them), then run the loop; traceable, so one ``jax.jit``
-holds it all (``inference.translator.BatchSearch`` jits, places and batches it).
+once (its K beams share them, :class:`BeamCache`), then run the loop; traceable, so
+one ``jax.jit`` holds it all (``inference.translator.BatchSearch`` jits, places and
+batches it).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -306,7 +309,75 @@ def strip_eos(tokens: Sequence[int] | np.ndarray, eos_id: int = EOS_ID,
 
 
 # ----------------------------------------------------------------------------
-# The Transformer wired into the searches.
+# The Transformer wired into the searches: the beams' cache bookkeeping.
+
+
+class BeamCache(NamedTuple):
+  """The decoding state of B sentences x K beams (K = 1: greedy search).
+
+  The model's cache (``Transformer.init_cache``) has one row per sentence, so the K
+  beams of a sentence share its cross-attention keys and values. At position t beam
+  k writes its self-attention keys and values into entry t * K + k of that row, its
+  slot k, and they never move: ``ancestry[b, k, t']`` names the slot that holds beam
+  k's prefix at position t'. A beam that continues another takes over that beam's
+  ancestry (``reorder_beams``, a [B, K, L] integer gather, where moving keys and
+  values would copy the whole cache at every step), and each step attends over all
+  L * K entries of the sentence, masked to the one slot per position its ancestry
+  names (``beam_mask``), which is exactly attention over its own prefix.
+  """
+  index: jax.Array  # int32 scalar: the position being decoded.
+  ancestry: jax.Array  # [B, K, L] int32
+  model: Cache  # The model's cache: B rows of L * K entries.
+
+
+def init_beam_cache(model, encoded: jax.Array, src: jax.Array, beams: int,
+                    max_decode_len: int) -> BeamCache:
+  """An empty BeamCache for the sentences of ``src`` [B, S] (encoded [B, S, D])."""
+  if beams < 1:
+    raise ValueError(f'beams must be >= 1, got {beams}.')
+  batch = src.shape[0]
+  ancestry = jnp.broadcast_to(jnp.arange(beams, dtype=jnp.int32)[None, :, None],
+                              (batch, beams, max_decode_len))
+  return BeamCache(jnp.zeros((), jnp.int32), ancestry,
+                   model.init_cache(encoded, src, max_decode_len * beams))
+
+
+def beam_mask(ancestry: jax.Array, index: jax.Array) -> jax.Array:
+  """[B, K, L * K] bool: the cache entries each beam sees at position ``index``.
+
+  Sec 3.2.3: a beam sees its prefix and itself: for each position <= index the one
+  slot its ``ancestry`` [B, K, L] names (entry position * K + slot).
+  """
+  batch, beams, max_len = ancestry.shape
+  slots = jnp.arange(beams, dtype=jnp.int32)[None, None, None, :]
+  mask = ((ancestry[:, :, :, None] == slots) &
+          (jnp.arange(max_len) <= index)[None, None, :, None])  # [B, K, L, K]
+  return mask.reshape(batch, beams, max_len * beams)
+
+
+def beam_step(model, token: jax.Array, cache: BeamCache, *,
+              output_kernel: jax.Array | None = None) -> tuple[jax.Array, BeamCache]:
+  """One position for every beam: ``token`` [B * K] (beams of a sentence adjacent)
+  -> (logits [B * K, V], the cache); beam k writes its slot of the position."""
+  index, ancestry = cache.index, cache.ancestry
+  batch, beams, _ = ancestry.shape
+  if token.shape != (batch * beams,):
+    raise ValueError(f'token must be [{batch} sentences x {beams} beams], got '
+                     f'{token.shape}.')
+  ancestry = ancestry.at[:, :, index].set(jnp.arange(beams, dtype=jnp.int32))
+  logits, model_cache = model.decode_step(
+      token.reshape(batch, beams), cache.model, index=index * beams,
+      positions=jnp.full((batch, beams), index, jnp.int32),
+      mask=beam_mask(ancestry, index), output_kernel=output_kernel)  # [B, K, V]
+  return (logits.reshape(batch * beams, -1),
+          BeamCache(index + 1, ancestry, model_cache))
+
+
+def reorder_beams(cache: BeamCache, parents: jax.Array) -> BeamCache:
+  """New beam k of sentence b continues old beam ``parents[b, k]`` ([B, K] int):
+  only the ancestry moves."""
+  ancestry = jnp.take_along_axis(cache.ancestry, parents[:, :, None], axis=1)
+  return cache._replace(ancestry=ancestry)
 
 
 def search_model(graphdef, state, src: jax.Array, *, beam_size: int, alpha: float,
@@ -330,15 +401,9 @@ def search_model(graphdef, state, src: jax.Array, *, beam_size: int, alpha: floa
   model = nnx.merge(graphdef, state)
   batch, k = src.shape[0], beam_size
   src_lengths = jnp.sum(src != pad_id, axis=1).astype(jnp.int32)
-  encoded = model.encode(src)  # [B, S, D]
-  # The K beams of a sentence share its cross-attention keys and values, computed
-  # once here; the model reorders beams through the cache's ancestry.
-  cache = model.init_cache(batch, max_decode_len, encoded=encoded, beams=k)
-  output_kernel = model.output_kernel()  # [D, V], laid out once for every step.
-
-  def step_fn(token, cache):
-    return model.decode_step(encoded, src, token, cache, output_kernel=output_kernel)
-
+  cache = init_beam_cache(model, model.encode(src), src, k, max_decode_len)
+  step_fn = functools.partial(beam_step, model,
+                              output_kernel=model.output_kernel())  # [D, V], once.
   if k == 1:
     tokens = greedy_search(step_fn, cache, src_lengths, max_decode_len=max_decode_len,
                            max_extra_len=max_extra_len, eos_id=eos_id, bos_id=bos_id,
@@ -347,4 +412,4 @@ def search_model(graphdef, state, src: jax.Array, *, beam_size: int, alpha: floa
   return beam_search(step_fn, cache, src_lengths, beam_size=k, alpha=alpha,
                      max_decode_len=max_decode_len, max_extra_len=max_extra_len,
                      eos_id=eos_id, bos_id=bos_id, pad_id=pad_id,
-                     reorder_fn=model.reorder_cache)
+                     reorder_fn=reorder_beams)

@@ -9,9 +9,8 @@ from transformer_jax.model.config import TransformerConfig
 from transformer_jax.model.layers import (DecoderLayer, Embedding, EncoderLayer,
                                           FeedForward, MultiHeadAttention,
                                           OutputProjection, PositionalEncoding,
-                                          SublayerConnection, attention_mask,
-                                          einsum_attention, single_query_attention,
-                                          sinusoidal_positions)
+                                          SublayerConnection, cached_attention,
+                                          einsum_attention, sinusoidal_positions)
 from transformer_jax.model.positions import alibi_bias, alibi_slopes, rotary_embedding
 from transformer_jax.model.transformer import (Decoder, Encoder, Transformer,
                                                shift_right)
@@ -20,7 +19,6 @@ __all__ = [
     'Decoder', 'DecoderLayer', 'Embedding', 'Encoder', 'EncoderLayer', 'FeedForward',
     'MultiHeadAttention', 'OutputProjection', 'PositionalEncoding', 'alibi_bias',
     'alibi_slopes', 'rotary_embedding',
-    'SublayerConnection', 'Transformer', 'TransformerConfig', 'attention_mask',
-    'einsum_attention', 'shift_right', 'single_query_attention',
-    'sinusoidal_positions',
+    'SublayerConnection', 'Transformer', 'TransformerConfig', 'cached_attention',
+    'einsum_attention', 'shift_right', 'sinusoidal_positions',
 ]

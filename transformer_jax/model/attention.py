@@ -19,9 +19,9 @@
 
 What the fused kernels do not support, and so goes through ``einsum`` in
 ``MultiHeadAttention.attend``: dropout on the attention probabilities, returning
-the probabilities (the attention page), d_k != d_v (Table 3 row B). The cached
-one-position decode (``single_query_attention``) never uses them: one query per
-row has nothing to tile. A fused kernel's output at *padding queries* differs from
+the probabilities (the attention page), d_k != d_v (Table 3 row B). Decoding with
+a cache (``layers.cached_attention``) never uses them: a step's few queries per
+row have nothing to tile. A fused kernel's output at *padding queries* differs from
 xla's (they attend to the row's first segment instead of nothing); the loss and
 every later layer ignore those positions.
 """
@@ -65,7 +65,7 @@ class AttentionMask:
 def make_mask(query_valid: Array, key_valid: Array, *,
               query_segments: Array | None = None, key_segments: Array | None = None,
               causal: bool = False) -> AttentionMask:
-  """The mask of ``attention_mask`` plus the segment ids the fused kernels use.
+  """Who may attend to whom: the dense mask plus the segment ids the fused kernels use.
 
   Args:
     query_valid: [B, T] bool, False at padding queries.

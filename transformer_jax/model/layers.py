@@ -17,7 +17,13 @@ The stacks and the encoder-decoder are in ``transformer.py``. The post-2017 opti
 ``use_bias``) live in these shared layers, so every model built on them has them.
 
 Shapes use B batch, S source length, T target length, D d_model, N heads, H head
-dimension (d_k = d_v), F d_ff, V vocabulary, L a cache's length.
+dimension (d_k = d_v), F d_ff, V vocabulary, E a decode cache's entries per row.
+
+Each sub-layer has one forward path with an optional decode cache (keys and values
+of earlier positions, ``MultiHeadAttention.__call__``): teacher-forced training,
+prefilling a prompt and one-step decoding are the same code. Which cache entries a
+query sees is a mask the caller passes; the model knows nothing about how a search
+uses the entries (beams, ancestry, ragged prompts: ``inference/``).
 
 Every parameter carries logical axis names (``out_sharding`` metadata, read by
 ``sharding.param_shardings``); activations are constrained with ``act_*`` names through
@@ -164,28 +170,14 @@ class PositionalEncoding(nnx.Module):
     return sinusoidal_positions(positions, self.cfg.d_model).astype(self.cfg.dtype)
 
 
-def attention_mask(query_valid: Array, key_valid: Array, *,
-                   query_segments: Array | None = None,
-                   key_segments: Array | None = None,
-                   causal: bool = False) -> Array:
-  """Boolean mask [B, 1, Tq, Tk]: True where a query may attend to a key.
-
-  Args:
-    query_valid: [B, Tq] bool, False at padding queries (used only with segments).
-    key_valid: [B, Tk] bool, False at padding keys.
-    query_segments, key_segments: [B, Tq], [B, Tk] segment ids of packed rows;
-      attention stays within a segment.
-    causal: Sec 3.2.3: query i sees keys j <= i only.
-  """
-  mask = jnp.broadcast_to(key_valid[:, None, :],
-                          (key_valid.shape[0], query_valid.shape[1], key_valid.shape[1]))
-  if query_segments is not None and key_segments is not None:
-    mask &= query_segments[:, :, None] == key_segments[:, None, :]
-    mask &= query_valid[:, :, None]
-  if causal:
-    tq, tk = query_valid.shape[1], key_valid.shape[1]
-    mask &= jnp.arange(tq)[:, None] >= jnp.arange(tk)[None, :]
-  return mask[:, None, :, :]
+def _masked_softmax(logits: Array, mask: Array, bias: Array | None) -> Array:
+  """softmax over the last (key) axis of float32 logits, plus an optional logit bias
+  (ALiBi), with masked keys left out."""
+  if bias is not None:
+    logits = logits + bias
+  # A large finite negative (not -inf) keeps fully masked rows (padding queries
+  # of packed rows) finite, as jax.nn.dot_product_attention does.
+  return jax.nn.softmax(jnp.where(mask, logits, jnp.finfo(jnp.float32).min), axis=-1)
 
 
 def einsum_attention(query: Array, key: Array, value: Array, mask: Array, *,
@@ -204,49 +196,40 @@ def einsum_attention(query: Array, key: Array, value: Array, mask: Array, *,
   scale = 1.0 / math.sqrt(query.shape[-1])
   logits = jnp.einsum('btnh,bsnh->bnts', query, key,
                       preferred_element_type=jnp.float32) * scale  # [B, N, T, S]
-  if bias is not None:
-    logits = logits + bias
-  # A large finite negative (not -inf) keeps fully masked rows (padding queries
-  # of packed rows) finite, as jax.nn.dot_product_attention does.
-  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1)
-  weights = probs
-  if dropout is not None:
-    weights = dropout(weights, deterministic=deterministic)
+  probs = _masked_softmax(logits, mask, bias)
+  weights = probs if dropout is None else dropout(probs, deterministic=deterministic)
   out = jnp.einsum('bnts,bsnh->btnh', weights.astype(value.dtype), value)  # [B, T, N, H]
   return out, probs
 
 
-def single_query_attention(query: Array, key: Array, value: Array,
-                           mask: Array, bias: Array | None = None) -> Array:
-  """Sec 3.2.1 for one decoding position per row, over a heads-major cache.
+def cached_attention(query: Array, key: Array, value: Array, mask: Array,
+                     bias: Array | None = None) -> Array:
+  """Sec 3.2.1 over a decode cache: each cache row's E entries of keys and values,
+  attended to by that row's T queries (deterministic).
 
-  Keys are laid out [B, N, H, L] and values [B, N, L, H], and the queries are moved
-  to [B, N, K, H], so that both products are plain batched matrix products over
-  (b, n), the leading axes: XLA runs them without transposing the cache (on CPU,
-  [B, K, N, H] queries made the products 3x slower, and keys laid out [B, N, L, H]
-  2x slower). ``query`` may hold K rows per key row (the K beams of one sentence,
-  adjacent), which then share that row's keys and values.
+  The cache is heads-major, keys [B, N, H, E] and values [B, N, E, H], and the
+  queries move to [B, N, T, H], so that both products are batched matrix products
+  over the leading (b, n) axes, which XLA runs without transposing the cache (the
+  layout ``benchmarks/decode.py`` found fastest on CPU). Which entries a query sees
+  is the caller's ``mask``: its own prefix, or, with several beams of a sentence
+  sharing one cache row, the entries of its own ancestry.
 
   Args:
-    query: [B, K, N, H].
-    key: [B, N, H, L]; value: [B, N, L, H].
-    mask: bool, broadcastable to [B, N, K, L]: True where a key is visible.
-    bias: optional float32 logit bias broadcastable to [B, N, K, L] (ALiBi).
+    query: [B, T, N, H].
+    key: [B, N, H, E]; value: [B, N, E, H].
+    mask: bool, broadcastable to [B, N, T, E]: True where an entry is visible.
+    bias: optional float32 logit bias broadcastable to [B, N, T, E] (ALiBi).
 
   Returns:
-    [B, K, N, H] in the value's dtype.
+    [B, T, N, H] in the value's dtype.
   """
   scale = 1.0 / math.sqrt(query.shape[-1])
-  query = jnp.swapaxes(query, 1, 2)  # [B, N, K, H]
-  logits = jnp.einsum('bnkh,bnhl->bnkl', query, key,
-                      preferred_element_type=jnp.float32) * scale  # [B, N, K, L]
-  if bias is not None:
-    logits = logits + bias
-  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1)
-  heads = jnp.einsum('bnkl,bnlh->bnkh', probs.astype(value.dtype), value)
-  return jnp.swapaxes(heads, 1, 2)  # [B, K, N, H]
+  query = jnp.swapaxes(query, 1, 2)  # [B, N, T, H]
+  logits = jnp.einsum('bnth,bnhe->bnte', query, key,
+                      preferred_element_type=jnp.float32) * scale  # [B, N, T, E]
+  probs = _masked_softmax(logits, mask, bias)
+  heads = jnp.einsum('bnte,bneh->bnth', probs.astype(value.dtype), value)
+  return jnp.swapaxes(heads, 1, 2)  # [B, T, N, H]
 
 
 class MultiHeadAttention(nnx.Module):
@@ -259,6 +242,11 @@ class MultiHeadAttention(nnx.Module):
   ``cfg.positions`` is 'rope' (queries and keys rotated, ``rotate``) or 'alibi' (a
   logit bias, ``position_bias``); cross-attention compares positions of different
   sentences and gets neither.
+
+  One forward path, ``__call__``, with an optional decode cache: without one the
+  queries attend to ``inputs_kv`` (training, scoring); with one the keys and values
+  of ``inputs_kv`` are first written into the cache and the queries attend to its
+  entries (prefill of many positions and one-step decoding alike).
   """
 
   def __init__(self, cfg: TransformerConfig, *, self_attention: bool = False,
@@ -307,11 +295,20 @@ class MultiHeadAttention(nnx.Module):
     """[B, S, D] -> keys and values, each [B, S, N, H]."""
     return self._project(x, 'key'), self._project(x, 'value')
 
-  def cache_key_value(self, x: Array) -> tuple[Array, Array]:
-    """[B, S, D] -> keys [B, N, H, S] and values [B, N, S, H], a decode cache's
-    layout (see ``single_query_attention``)."""
+  def empty_cache(self, batch_size: int, length: int) -> Cache:
+    """A cache of ``length`` zero entries per row: {'key': [B, N, H, E], 'value':
+    [B, N, E, H]} in the compute dtype (the layout of ``cached_attention``)."""
+    cfg = self.cfg
+    return {'key': jnp.zeros((batch_size, cfg.num_heads, cfg.qk_head_dim, length),
+                             cfg.dtype),
+            'value': jnp.zeros((batch_size, cfg.num_heads, length, cfg.qkv_head_dim),
+                               cfg.dtype)}
+
+  def key_value_cache(self, x: Array) -> Cache:
+    """[B, S, D] -> a full cache of its keys and values (a cross-attention's, built
+    once per source): {'key': [B, N, H, S], 'value': [B, N, S, H]}."""
     key, value = self.project_key_value(x)  # [B, S, N, H]
-    return jnp.transpose(key, (0, 2, 3, 1)), jnp.swapaxes(value, 1, 2)
+    return {'key': jnp.transpose(key, (0, 2, 3, 1)), 'value': jnp.swapaxes(value, 1, 2)}
 
   def output(self, heads: Array) -> Array:
     """W^O: concatenated heads [B, T, N, H] -> [B, T, D]."""
@@ -322,7 +319,7 @@ class MultiHeadAttention(nnx.Module):
   def attend(self, query: Array, key: Array, value: Array, mask: Array, *,
              bias: Array | None = None, deterministic: bool = True,
              probs_out: list | None = None) -> Array:
-    """Attention over projected heads and the output projection W^O.
+    """Attention over projected heads (no cache), through the configured kernel.
 
     Args:
       query: [B, T, N, H]; key, value: [B, S, N, H]; mask: an AttentionMask (what
@@ -334,7 +331,7 @@ class MultiHeadAttention(nnx.Module):
         (visualisation only; uses the einsum path).
 
     Returns:
-      [B, T, D].
+      [B, T, N, H].
     """
     attention_dropout = self.cfg.attention_dropout_rate > 0 and not deterministic
     if (self.cfg.attention_impl == 'einsum' or probs_out is not None or attention_dropout
@@ -346,29 +343,60 @@ class MultiHeadAttention(nnx.Module):
                                     deterministic=deterministic)
       if probs_out is not None:
         probs_out.append(probs)
-    elif bias is not None:
-      out = jax.nn.dot_product_attention(query, key, value, bias=bias,
-                                         mask=attention_lib.dense(mask),
-                                         implementation='xla')
-    else:
-      out = attention_lib.dot_product_attention(query, key, value, mask,
-                                                impl=self.cfg.attention_impl)
-    return self.output(out)
+      return out
+    if bias is not None:
+      return jax.nn.dot_product_attention(query, key, value, bias=bias,
+                                          mask=attention_lib.dense(mask),
+                                          implementation='xla')
+    return attention_lib.dot_product_attention(query, key, value, mask,
+                                               impl=self.cfg.attention_impl)
 
-  def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Array, *,
-               positions: Array | None = None, deterministic: bool = True,
-               probs_out: list | None = None) -> Array:
-    """inputs_q [B, T, D] attends to inputs_kv [B, S, D] under mask [B, 1, T, S].
+  def __call__(self, inputs_q: Array, inputs_kv: Array | None, mask: Array, *,
+               positions: Array | None = None, cache: Cache | None = None,
+               index: Array | None = None, key_positions: Array | None = None,
+               deterministic: bool = True,
+               probs_out: list | None = None) -> tuple[Array, Cache | None]:
+    """inputs_q [B, T, D] attends to inputs_kv [B, S, D], or through a cache.
 
-    ``positions`` [B, T] (self-attention, T = S) feed RoPE or ALiBi when the config
-    asks for them; other attentions ignore them.
+    Without ``cache``: to the keys and values of ``inputs_kv`` under ``mask``
+    (an AttentionMask or a dense [B, 1, T, S] bool array).
+
+    With ``cache`` ({'key': [B, N, H, E], 'value': [B, N, E, H]}, see
+    ``empty_cache`` and ``key_value_cache``): the keys and values of ``inputs_kv``
+    (if not None; then S = T) are written into entries ``index .. index + T - 1``,
+    and the queries attend to the cache's E entries under ``mask``, bool
+    broadcastable to [B, 1, T, E]. RoPE keys are cached already rotated at their
+    own position, so a cached key never needs touching again.
+
+    Args:
+      positions: [B, T] the queries' positions (and the new keys'), for RoPE and
+        ALiBi in a self-attention; other attentions ignore them.
+      key_positions: [B, E] each cache entry's position (ALiBi with a cache).
+      index: int32 scalar, the first cache entry written.
+
+    Returns:
+      ([B, T, D], the updated cache, or None without one).
     """
-    key, value = self.project_key_value(inputs_kv)
     query = self.rotate(self.project_query(inputs_q), positions)
-    key = self.rotate(key, positions)
-    return self.attend(query, key, value, mask,
-                       bias=self.position_bias(positions, positions),
-                       deterministic=deterministic, probs_out=probs_out)
+    if inputs_kv is not None:
+      key, value = self.project_key_value(inputs_kv)  # [B, S, N, H]
+      key = self.rotate(key, positions)
+    if cache is None:
+      out = self.attend(query, key, value, mask,
+                        bias=self.position_bias(positions, positions),
+                        deterministic=deterministic, probs_out=probs_out)
+      return self.output(out), None
+    if inputs_kv is not None:
+      cache = {
+          'key': jax.lax.dynamic_update_slice(  # [B, N, H, E]
+              cache['key'], jnp.transpose(key, (0, 2, 3, 1)).astype(cache['key'].dtype),
+              (0, 0, 0, index)),
+          'value': jax.lax.dynamic_update_slice(  # [B, N, E, H]
+              cache['value'], jnp.swapaxes(value, 1, 2).astype(cache['value'].dtype),
+              (0, 0, index, 0))}
+    out = cached_attention(query, cache['key'], cache['value'], mask,
+                           self.position_bias(positions, key_positions))
+    return self.output(out), cache
 
 
 # Gated FFNs of Shazeer (2020), "GLU Variants Improve Transformer": the activation
@@ -450,7 +478,7 @@ class EncoderLayer(nnx.Module):
     x = self.attention_residual(
         x, lambda h: self.self_attention(h, h, mask, positions=positions,
                                          deterministic=deterministic,
-                                         probs_out=probs_out),
+                                         probs_out=probs_out)[0],
         deterministic=deterministic)
     x = self.ffn_residual(
         x, lambda h: self.feed_forward(h, deterministic=deterministic),
@@ -475,93 +503,65 @@ class DecoderLayer(nnx.Module):
     self.feed_forward = FeedForward(cfg, rngs=rngs)
     self.ffn_residual = SublayerConnection(cfg, rngs=rngs)
 
-  def __call__(self, y: Array, encoded: Array, self_mask: Array, cross_mask: Array, *,
-               positions: Array | None = None, deterministic: bool = True,
-               self_probs_out: list | None = None,
-               cross_probs_out: list | None = None) -> Array:
-    """y [B, T, D], encoded [B, S, D], masks [B,1,T,T] and [B,1,T,S] -> [B, T, D].
+  def empty_cache(self, batch_size: int, length: int,
+                  encoded: Array | None = None) -> Cache:
+    """This layer's decode cache: {'self': ``length`` empty self-attention entries
+    per row} (+ {'cross': the keys and values of ``encoded`` [B, S, D]})."""
+    cache = {'self': self.self_attention.empty_cache(batch_size, length)}
+    if self.cross_attention is not None:
+      cache['cross'] = self.cross_attention.key_value_cache(encoded)
+    return cache
 
-    ``positions`` [B, T]: the target positions, for RoPE/ALiBi self-attention.
+  def __call__(self, y: Array, encoded: Array | None, self_mask: Array,
+               cross_mask: Array | None, *, positions: Array | None = None,
+               cache: Cache | None = None, index: Array | None = None,
+               key_positions: Array | None = None, deterministic: bool = True,
+               self_probs_out: list | None = None,
+               cross_probs_out: list | None = None) -> tuple[Array, Cache | None]:
+    """The layer over T target rows, teacher-forced or with a cache: one code path.
+
+    Without a cache the rows attend to each other (training, scoring). With one
+    (``empty_cache``), their keys and values are written into the cache at entries
+    ``index .. index + T - 1`` and they attend to its entries: prefilling a prompt
+    (T positions) and one-step decoding (T = 1, or several beams sharing a row's
+    entries) are the same call.
+
+    Args:
+      y: [B, T, D] embedded target rows.
+      encoded: [B, S, D] encoder output (None with a cache, which holds its keys
+        and values, or without cross-attention).
+      self_mask: [B, 1, T, T] (AttentionMask or bool) without a cache; with one,
+        bool broadcastable to [B, 1, T, E]: the cache entries each row sees.
+      cross_mask: [B, 1, T, S] (AttentionMask or bool; with a cache [B, 1, 1, S]).
+      positions: [B, T] the target positions, for RoPE/ALiBi self-attention.
+      cache, index: this layer's cache and the first entry written (int32).
+      key_positions: [B, E] the cache entries' positions (ALiBi).
+      self_probs_out, cross_probs_out: lists that collect attention probabilities
+        (visualisation, no cache).
+
+    Returns:
+      ([B, T, D], the updated cache, or None without one).
     """
-    y = self.self_attention_residual(
-        y, lambda h: self.self_attention(h, h, self_mask, positions=positions,
-                                         deterministic=deterministic,
-                                         probs_out=self_probs_out),
-        deterministic=deterministic)
+    new_cache = None if cache is None else dict(cache)
+
+    def self_attend(h):
+      out, new_cache_self = self.self_attention(
+          h, h, self_mask, positions=positions, key_positions=key_positions,
+          cache=None if cache is None else cache['self'], index=index,
+          deterministic=deterministic, probs_out=self_probs_out)
+      if cache is not None:
+        new_cache['self'] = new_cache_self
+      return out
+
+    y = self.self_attention_residual(y, self_attend, deterministic=deterministic)
     if self.cross_attention is not None:
       y = self.cross_attention_residual(
-          y, lambda h: self.cross_attention(h, encoded, cross_mask,
-                                            deterministic=deterministic,
-                                            probs_out=cross_probs_out),
+          y, lambda h: self.cross_attention(
+              h, encoded if cache is None else None, cross_mask,
+              cache=None if cache is None else cache['cross'],
+              deterministic=deterministic, probs_out=cross_probs_out)[0],
           deterministic=deterministic)
     y = self.ffn_residual(
         y, lambda h: self.feed_forward(h, deterministic=deterministic),
         deterministic=deterministic)
-    return constrain_embed(y)
-
-  def step(self, y: Array, encoded: Array, self_mask: Array, cross_mask: Array,
-           cache: Cache, index: Array) -> tuple[Array, Cache]:
-    """One decoding position with cached keys and values (deterministic).
-
-    Args:
-      y: [R, 1, D], the embedded token at position ``index`` of each of the
-        R = B * K rows (the K beams of a source adjacent).
-      encoded: [B, S, D]; unused when ``cache`` holds the cross-attention keys.
-      self_mask: [B, 1, K, L * K] bool: which cached (position, slot) each beam
-        sees (see ``Transformer.decode_step``).
-      cross_mask: [B, 1, 1, S] bool, the source's non-padding positions.
-      cache: {'key': [B, N, H, L * K], 'value': [B, N, L * K, H]} of this layer's
-        self-attention (K slots per source and position), and optionally
-        {'cross_key': [B, N, H, S], 'cross_value': [B, N, S, H]}.
-      index: int32 scalar, the position being decoded.
-
-    Returns:
-      ([R, 1, D], the updated cache).
-    """
-    cache = dict(cache)
-    rows = y.shape[0]
-    sources, beams = self_mask.shape[0], rows // self_mask.shape[0]
-
-    def self_attend(h):
-      attention = self.self_attention
-      positions = jnp.full((rows, 1), index, jnp.int32)
-      query = attention.rotate(attention.project_query(h), positions)  # [R, 1, N, H]
-      key, value = attention.project_key_value(h)
-      # RoPE: keys are cached rotated at their own position, so a cached key never
-      # needs touching again (rotations compose into the relative offset).
-      key = attention.rotate(key, positions)
-      # Position ``index`` of the K slots: entries index * K .. index * K + K - 1.
-      key = key.reshape(sources, beams, *key.shape[2:])  # [B, K, N, H]
-      key = jnp.transpose(key, (0, 2, 3, 1)).astype(cache['key'].dtype)  # [B, N, H, K]
-      cache['key'] = jax.lax.dynamic_update_slice(
-          cache['key'], key, (0, 0, 0, index * beams))  # [B, N, H, L * K]
-      value = value.reshape(sources, beams, *value.shape[2:])  # [B, K, N, H]
-      value = jnp.swapaxes(value, 1, 2).astype(cache['value'].dtype)  # [B, N, K, H]
-      cache['value'] = jax.lax.dynamic_update_slice(
-          cache['value'], value, (0, 0, index * beams, 0))  # [B, N, L * K, H]
-      query = query.reshape(sources, beams, *query.shape[2:])  # [B, K, N, H]
-      # ALiBi: cache entry e holds position e // K (position-major, slot-minor).
-      entries = cache['key'].shape[-1]
-      key_positions = (jnp.arange(entries, dtype=jnp.int32) // beams)[None]  # [1, L*K]
-      bias = attention.position_bias(jnp.reshape(index, (1, 1)),
-                                     key_positions)  # [1, N, 1, L * K] or None
-      heads = single_query_attention(query, cache['key'], cache['value'], self_mask,
-                                     bias)
-      return attention.output(heads.reshape(rows, 1, *heads.shape[2:]))
-
-    def cross_attend(h):
-      attention = self.cross_attention
-      if 'cross_key' in cache:
-        key, value = cache['cross_key'], cache['cross_value']
-      else:
-        key, value = attention.cache_key_value(encoded)
-      query = attention.project_query(h)  # [R, 1, N, H]
-      query = query.reshape(sources, beams, *query.shape[2:])  # [B, K, N, H]
-      heads = single_query_attention(query, key, value, cross_mask)
-      return attention.output(heads.reshape(rows, 1, *heads.shape[2:]))
-
-    y = self.self_attention_residual(y, self_attend)
-    if self.cross_attention is not None:
-      y = self.cross_attention_residual(y, cross_attend)
-    y = self.ffn_residual(y, self.feed_forward)
-    return y, cache
+    return constrain_embed(y), new_cache

@@ -2,7 +2,7 @@
 
   shift_right              teacher-forcing decoder inputs
   Encoder, Decoder         N layers over sqrt(d_model)-scaled embeddings + positions
-  Transformer              encode, teacher-forced decode, cached one-token decode_step
+  Transformer              encode, teacher-forced decode, cached decode_step
 
 Inputs are int32 token ids with pad = 0. Packed rows (several sentences in one row)
 carry segment ids (0 = padding, 1..k = sentence) and positions that restart at 0 for
@@ -64,11 +64,12 @@ _REMAT_POLICIES = {
 }
 
 
-def _remat(cfg, probs_out):
-  """Wraps a layer call in ``nnx.remat`` with the config's policy (identity for
-  'none', and when attention probabilities are being collected: remat replays the
-  forward pass, which must not append to a Python list twice)."""
-  if cfg.remat == 'none' or probs_out is not None:
+def _remat(cfg, off: bool = False):
+  """Wraps a layer call in ``nnx.remat`` with the config's policy; the identity for
+  'none' and when ``off``: when attention probabilities are being collected (remat
+  replays the forward pass, which must not append to a Python list twice) or when
+  decoding with a cache (no gradients)."""
+  if cfg.remat == 'none' or off:
     return lambda fn: fn
   return lambda fn: nnx.remat(fn, policy=_REMAT_POLICIES[cfg.remat])
 
@@ -122,7 +123,7 @@ class Encoder(_Stack):
     positions = _default_positions(src, positions)
     x = self.embed_tokens(src, positions, deterministic=deterministic)
     for layer in self.layers:
-      x = _remat(self.cfg, probs_out)(
+      x = _remat(self.cfg, probs_out is not None)(
           lambda layer, x, mask, positions: layer(
               x, mask, positions=positions, deterministic=deterministic,
               probs_out=probs_out))(layer, x, mask, positions)
@@ -130,7 +131,11 @@ class Encoder(_Stack):
 
 
 class Decoder(_Stack):
-  """Sec 3.1: N layers of masked self-attention, encoder-decoder attention and FFN."""
+  """Sec 3.1: N layers of masked self-attention, encoder-decoder attention and FFN.
+
+  One forward path with an optional decode cache (``init_cache``): teacher forcing,
+  prefilling a prompt and one-step decoding run the same layers.
+  """
 
   def __init__(self, cfg: TransformerConfig, embedding: Embedding, *, rngs: nnx.Rngs,
                cross_attention: bool = True):
@@ -144,8 +149,8 @@ class Decoder(_Stack):
 
     With shared embeddings this is the embedding matrix transposed. A decoding loop
     computes it once, outside the loop, and passes it to every step: XLA:CPU
-    multiplies by a [D, V] kernel ~20% faster than by the [V, D] embedding it
-    would otherwise read transposed at each step.
+    multiplies by a [D, V] kernel faster than by the [V, D] embedding it would
+    otherwise read transposed at each step.
     """
     if self.output_projection is not None:
       return self.output_projection.kernel[...].astype(self.cfg.dtype)
@@ -169,15 +174,86 @@ class Decoder(_Stack):
     # Vocabulary-sharded like the embedding under tensor parallelism.
     return sharding.constrain(logits, ('act_batch', 'act_length', 'vocab'))
 
-  def __call__(self, encoded: Array, src: Array, tgt_in: Array, *,
+  def init_cache(self, batch_size: int, length: int, encoded: Array | None = None,
+                 src: Array | None = None) -> Cache:
+    """An empty decode cache of ``length`` entries per row (see ``__call__``).
+
+    Args:
+      batch_size: B, the cache's rows.
+      length: E, the entries of each row.
+      encoded, src: [B, S, D] encoder output and [B, S] source ids, for a decoder
+        with cross-attention: each layer's cross-attention keys and values are
+        computed here, once, and the source's padding mask kept.
+
+    Returns:
+      {'layers': [per layer {'self': {'key': [B, N, H, E], 'value': [B, N, E, H]},
+      'cross': {'key': [B, N, H, S], 'value': [B, N, S, H]}}], 'positions': [B, E]
+      int32 (each entry's position, for ALiBi), 'src_valid': [B, S] bool}, 'cross'
+      and 'src_valid' only with cross-attention; heads-major for
+      ``layers.cached_attention``.
+    """
+    if length < 1:
+      raise ValueError(f'A decode cache needs at least one entry per row, got {length}.')
+    cross = self.layers[0].cross_attention is not None
+    if cross and (encoded is None or src is None):
+      raise ValueError('A decoder with cross-attention needs encoded and src for its '
+                       'cache.')
+    if cross and (encoded.shape[0] != batch_size or src.shape[0] != batch_size):
+      raise ValueError(f'encoded {encoded.shape} and src {src.shape} must have '
+                       f'batch_size={batch_size} rows.')
+    cache = {'layers': [layer.empty_cache(batch_size, length, encoded)
+                        for layer in self.layers],
+             'positions': jnp.zeros((batch_size, length), jnp.int32)}
+    if cross:
+      cache['src_valid'] = src != self.cfg.pad_id
+    return cache
+
+  def __call__(self, encoded: Array | None, src: Array | None, tgt_in: Array, *,
                src_segments: Array | None = None, tgt_segments: Array | None = None,
                tgt_positions: Array | None = None, deterministic: bool = True,
+               cache: Cache | None = None, index: Array | None = None,
+               mask: Array | None = None, output_kernel: Array | None = None,
                self_probs_out: list | None = None,
-               cross_probs_out: list | None = None) -> Array:
-    """Teacher-forced decoding: tgt_in [B, T] -> logits [B, T, V] float32.
+               cross_probs_out: list | None = None) -> tuple[Array, Cache | None]:
+    """tgt_in [B, T] -> (logits [B, T, V] float32, the updated cache or None).
 
-    ``encoded`` and ``src`` are None for a decoder without cross-attention.
+    Without ``cache``: teacher forcing, causal self-attention within the rows'
+    tokens (and segments of packed rows). ``encoded`` [B, S, D] and ``src`` [B, S]
+    are None for a decoder without cross-attention.
+
+    With ``cache`` (``init_cache``): the T positions of each row are written into
+    entries ``index .. index + T - 1`` and attend to the cache's entries under
+    ``mask`` [B, T, E] bool (default: entries up to their own, ``e <= index + t``),
+    at ``tgt_positions`` [B, T] (default ``index + t``). ``encoded`` and ``src`` are
+    unused (the cache holds them). A search chooses the mask and positions: several
+    beams sharing a row's entries, left-padded prompts (``inference/``).
     """
+    if cache is None:
+      self_mask, cross_mask = self._masks(src, tgt_in, src_segments, tgt_segments)
+      positions = _default_positions(tgt_in, tgt_positions)
+      key_positions = None
+    else:
+      self_mask, cross_mask, positions, cache = self._cached_masks(
+          tgt_in, cache, index, mask, tgt_positions)
+      key_positions = cache['positions']
+    y = self.embed_tokens(tgt_in, positions, deterministic=deterministic)
+    probs_out = self_probs_out if self_probs_out is not None else cross_probs_out
+    layer_caches = []
+    for i, layer in enumerate(self.layers):
+      y, layer_cache = _remat(self.cfg, probs_out is not None or cache is not None)(
+          lambda layer, y, encoded, self_mask, cross_mask, positions, layer_cache:
+          layer(y, encoded, self_mask, cross_mask, positions=positions,
+                cache=layer_cache, index=index, key_positions=key_positions,
+                deterministic=deterministic, self_probs_out=self_probs_out,
+                cross_probs_out=cross_probs_out))(
+                    layer, y, encoded, self_mask, cross_mask, positions,
+                    None if cache is None else cache['layers'][i])
+      layer_caches.append(layer_cache)
+    logits = self.logits(y, output_kernel)
+    return logits, (None if cache is None else dict(cache, layers=layer_caches))
+
+  def _masks(self, src, tgt_in, src_segments, tgt_segments):
+    """Teacher forcing's masks: causal self-attention (Sec 3.2.3), padding, segments."""
     tgt_valid = tgt_in != self.cfg.pad_id
     self_mask = attention_lib.make_mask(
         tgt_valid, tgt_valid, query_segments=tgt_segments, key_segments=tgt_segments,
@@ -187,25 +263,40 @@ class Decoder(_Stack):
       cross_mask = attention_lib.make_mask(
           tgt_valid, src != self.cfg.pad_id, query_segments=tgt_segments,
           key_segments=src_segments)
-    positions = _default_positions(tgt_in, tgt_positions)
-    y = self.embed_tokens(tgt_in, positions, deterministic=deterministic)
-    probs_out = self_probs_out if self_probs_out is not None else cross_probs_out
-    for layer in self.layers:
-      y = _remat(self.cfg, probs_out)(
-          lambda layer, y, encoded, self_mask, cross_mask, positions: layer(
-              y, encoded, self_mask, cross_mask, positions=positions,
-              deterministic=deterministic, self_probs_out=self_probs_out,
-              cross_probs_out=cross_probs_out))(
-                  layer, y, encoded, self_mask, cross_mask, positions)
-    return self.logits(y)
+    return self_mask, cross_mask
+
+  def _cached_masks(self, tgt_in, cache, index, mask, positions):
+    """With a cache: the self-attention mask [B, 1, T, E], the source's padding mask
+    [B, 1, 1, S], the rows' positions [B, T], and the cache with their positions."""
+    batch, length = tgt_in.shape
+    entries = cache['positions'].shape[1]
+    if batch != cache['positions'].shape[0]:
+      raise ValueError(f'tgt_in has {batch} rows, the cache {cache["positions"].shape[0]}.')
+    if index is None:
+      raise ValueError('Decoding with a cache needs the index of the first entry written.')
+    steps = index + jnp.arange(length, dtype=jnp.int32)  # [T]
+    if positions is None:
+      positions = jnp.broadcast_to(steps, (batch, length))
+    if mask is None:  # Sec 3.2.3: each position sees the entries up to its own.
+      mask = jnp.arange(entries)[None, None, :] <= steps[None, :, None]
+    if mask.shape[-2:] != (length, entries):
+      raise ValueError(f'mask must be [B, {length}, {entries}] (rows, positions, cache '
+                       f'entries), got {mask.shape}.')
+    cache = dict(cache, positions=jax.lax.dynamic_update_slice(
+        cache['positions'], positions.astype(jnp.int32), (0, index)))
+    cross_mask = None
+    if 'src_valid' in cache:
+      cross_mask = cache['src_valid'][:, None, None, :]  # [B, 1, 1, S]
+    return mask[:, None], cross_mask, positions, cache
 
 
 class Transformer(nnx.Module):
   """The encoder-decoder Transformer (Sec 3, Figure 1).
 
   Call it for teacher-forced training logits; ``encode`` + ``init_cache`` +
-  ``decode_step`` decode one token at a time; ``attention_weights`` returns every
-  layer's attention probabilities for visualisation.
+  ``decode_step`` decode with a cache of keys and values (the searches of
+  ``inference/search.py`` drive them); ``attention_weights`` returns every layer's
+  attention probabilities for visualisation.
   """
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
@@ -268,110 +359,55 @@ class Transformer(nnx.Module):
     """
     self._check_inputs(src=src, tgt_in=tgt_in, tgt_segments=tgt_segments,
                        tgt_positions=tgt_positions)
-    return self.decoder(encoded, src, tgt_in, src_segments=src_segments,
-                        tgt_segments=tgt_segments, tgt_positions=tgt_positions,
-                        deterministic=deterministic)
+    logits, _ = self.decoder(encoded, src, tgt_in, src_segments=src_segments,
+                             tgt_segments=tgt_segments, tgt_positions=tgt_positions,
+                             deterministic=deterministic)
+    return logits
 
-  def init_cache(self, batch_size: int, max_len: int, encoded: Array | None = None,
-                 *, beams: int = 1) -> Cache:
-    """An empty decoding cache for ``batch_size`` sources and ``beams`` rows each.
-
-    Beam search never moves cached keys and values: beam k of a source writes its
-    position's keys and values into that source's slot k, and ``'ancestry'``
-    records, for each beam and position, the slot holding its prefix there. A beam
-    that continues another takes over its ancestry (``reorder_cache``), a [B, K, L]
-    integer gather, where moving the keys and values would copy the whole cache
-    every step. A step attends over all K * L cached (slot, position) pairs of its
-    source, masked to its own prefix, which is exactly attention over the prefix.
+  def init_cache(self, encoded: Array, src: Array, length: int) -> Cache:
+    """An empty decode cache of ``length`` entries for each source.
 
     Args:
-      batch_size: B, the sources.
-      max_len: L, the most tokens ``decode_step`` will be called for.
-      encoded: optional [B, S, D] encoder output; when given, each layer's
-        cross-attention keys and values are computed once here, once per source,
-        instead of at every step.
-      beams: K, the rows decoded per source (adjacent rows of ``decode_step``).
+      encoded: [B, S, D] encoder output: each decoder layer's cross-attention keys
+        and values are computed here, once per source.
+      src: [B, S] source ids (the cross-attention padding mask).
+      length: E, the self-attention entries per source.
 
     Returns:
-      {'index': int32 scalar, 'ancestry': [B, K, L] int32, 'layers': [per decoder
-      layer {'key': [B, N, H, L * K], 'value': [B, N, L * K, H]} (position-major,
-      slot-minor) (+ {'cross_key': [B, N, H, S], 'cross_value': [B, N, S, H]})]}:
-      every array but 'index' has the sources as its leading axis, laid out so
-      that a step attends without transposing the cache (see
-      ``single_query_attention``) and writes its K slots as one slice.
+      The cache described at ``Decoder.init_cache``.
     """
-    cfg = self.cfg
-    if cfg.positions == 'learned' and max_len > cfg.max_len:
-      raise ValueError(f'Cache length {max_len} exceeds the learned position table '
-                       f'(max_len={cfg.max_len}).')
-    if encoded is not None and encoded.shape[0] != batch_size:
-      raise ValueError(f'encoded has batch {encoded.shape[0]}, cache batch_size is '
-                       f'{batch_size}.')
-    if beams < 1:
-      raise ValueError(f'beams must be >= 1, got {beams}.')
-    shape = (batch_size, cfg.num_heads, max_len * beams, cfg.qkv_head_dim)
-    key_shape = (batch_size, cfg.num_heads, cfg.qk_head_dim, max_len * beams)
-    layers = []
-    for layer in self.decoder.layers:
-      entry = {'key': jnp.zeros(key_shape, cfg.dtype),
-               'value': jnp.zeros(shape, cfg.dtype)}
-      if encoded is not None:
-        entry['cross_key'], entry['cross_value'] = (
-            layer.cross_attention.cache_key_value(encoded))
-      layers.append(entry)
-    ancestry = jnp.broadcast_to(jnp.arange(beams, dtype=jnp.int32)[None, :, None],
-                                (batch_size, beams, max_len))
-    return {'index': jnp.zeros((), jnp.int32), 'ancestry': ancestry, 'layers': layers}
-
-  @staticmethod
-  def reorder_cache(cache: Cache, parents: Array) -> Cache:
-    """Beam search's reordering: new beam k of source b continues old beam
-    ``parents[b, k]`` ([B, K] int). Only the ancestry moves (see ``init_cache``)."""
-    ancestry = jnp.take_along_axis(cache['ancestry'], parents[:, :, None], axis=1)
-    return dict(cache, ancestry=ancestry)
+    self._check_inputs(src=src)
+    return self.decoder.init_cache(src.shape[0], length, encoded, src)
 
   def output_kernel(self) -> Array:
     """[D, V]: the pre-softmax weights for ``decode_step`` (see Decoder.output_kernel)."""
     return self.decoder.output_kernel()
 
-  def decode_step(self, encoded: Array, src: Array, token: Array, cache: Cache, *,
+  def decode_step(self, tokens: Array, cache: Cache, *, index: Array,
+                  positions: Array | None = None, mask: Array | None = None,
                   output_kernel: Array | None = None) -> tuple[Array, Cache]:
-    """Decodes one position with the cache (deterministic).
+    """Decodes T positions per source with the cache (deterministic).
+
+    The teacher-forced decoder's code (``Decoder.__call__``): the positions' keys
+    and values are written into cache entries ``index .. index + T - 1`` and each
+    attends to the entries ``mask`` marks, and to its source.
 
     Args:
-      encoded: [B, S, D] encoder output; src: [B, S] source ids (padding mask).
-      token: [B * K] int32, the previous output token of each row (bos at the
-        first step), the K beams of a source adjacent.
-      cache: from ``init_cache`` or the previous step; position = cache['index'].
+      tokens: [B, T] int32 decoder inputs (bos at a sentence's first position).
+      cache: from ``init_cache`` or the previous step.
+      index: int32 scalar, the first cache entry written.
+      positions: [B, T] int32 positions in the sentence (default index + t).
+      mask: [B, T, E] bool, True where a position may attend to a cache entry,
+        this step's included (default: entries <= index + t).
       output_kernel: optionally ``output_kernel()`` [D, V], computed once before a
         decoding loop (faster logits on CPU; the same values).
 
     Returns:
-      (logits [B * K, V] float32 for the next token, the updated cache).
+      (logits [B, T, V] float32 for each position's next token, the updated cache).
     """
-    index, ancestry = cache['index'], cache['ancestry']
-    sources, beams, max_len = ancestry.shape
-    if token.ndim != 1 or token.shape[0] != sources * beams or src.shape[0] != sources:
-      raise ValueError(f'token must be [{sources} sources x {beams} beams] and src '
-                       f'[{sources}, S] for this cache; got token {token.shape}, '
-                       f'src {src.shape}.')
-    # Beam k's token at this position is in slot k.
-    ancestry = ancestry.at[:, :, index].set(jnp.arange(beams, dtype=jnp.int32))
-    # Sec 3.2.3: a beam sees its prefix so far and itself: for each position <= index,
-    # the one slot its ancestry names. [B, K, L, K slots] -> [B, 1, K, L * K].
-    slots = jnp.arange(beams, dtype=jnp.int32)[None, None, None, :]
-    self_mask = ((ancestry[:, :, :, None] == slots) &
-                 (jnp.arange(max_len) <= index)[None, None, :, None])
-    self_mask = self_mask.reshape(sources, 1, beams, max_len * beams)
-    cross_mask = (src != self.cfg.pad_id)[:, None, None, :]  # [B, 1, 1, S]
-    positions = jnp.full((token.shape[0], 1), index, jnp.int32)
-    y = self.decoder.embed_tokens(token[:, None], positions, deterministic=True)
-    new_layers = []
-    for layer, layer_cache in zip(self.decoder.layers, cache['layers']):
-      y, layer_cache = layer.step(y, encoded, self_mask, cross_mask, layer_cache, index)
-      new_layers.append(layer_cache)
-    logits = self.decoder.logits(y, output_kernel)[:, 0]
-    return logits, {'index': index + 1, 'ancestry': ancestry, 'layers': new_layers}
+    self._check_inputs(tokens=tokens, positions=positions)
+    return self.decoder(None, None, tokens, tgt_positions=positions, cache=cache,
+                        index=index, mask=mask, output_kernel=output_kernel)
 
   def attention_weights(self, src: Array, tgt_in: Array) -> dict[str, Array]:
     """Every layer's attention probabilities (deterministic; for visualisation).
