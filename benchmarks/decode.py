@@ -10,7 +10,8 @@ swings with the load average (printed): compare ratios measured under similar lo
   python benchmarks/decode.py [--repeats=10] [--batch=8]
 
 The machine is shared, so each search runs ``--repeats`` times, beam and greedy
-interleaved; the figures use the fastest run (the least disturbed), and the median
+interleaved; the figures use the fastest run (the least disturbed), and the median,
+the process's CPU time per batch (which moves less with the load than wall time)
 and the load average are printed beside them.
 """
 
@@ -76,14 +77,15 @@ def main():
                           max_extra_len=args.steps - args.src_len)
     t0 = time.perf_counter()
     tokens, _ = decoder(src)  # Compiles.
-    searches[name] = (decoder, time.perf_counter() - t0, tokens, [])
+    searches[name] = (decoder, time.perf_counter() - t0, tokens, [], [])
   for _ in range(args.repeats):
-    for decoder, _, _, times in searches.values():
-      t0 = time.perf_counter()
+    for decoder, _, _, times, cpu_times in searches.values():
+      t0, c0 = time.perf_counter(), time.process_time()
       decoder(src)
       times.append(time.perf_counter() - t0)
+      cpu_times.append(time.process_time() - c0)
   print(f'load average before timing: {load[0]:.2f}, after: {os.getloadavg()[0]:.2f}')
-  for name, (decoder, compile_s, tokens, times) in searches.items():
+  for name, (decoder, compile_s, tokens, times, cpu_times) in searches.items():
     best = tokens[:, 0]
     # Output tokens of the best hypotheses, up to and including EOS.
     lengths = [(row.tolist().index(search.EOS_ID) + 1) if search.EOS_ID in row
@@ -92,8 +94,9 @@ def main():
     sent_s = args.batch / seconds
     line = (f'{name:7s}: {sent_s:8.1f} sentences/s  {sum(lengths) / seconds:9.1f} tokens/s'
             f'  (fastest of {args.repeats}: {seconds * 1e3:.1f} ms/batch, median '
-            f'{np.median(times) * 1e3:.1f} ms; mean output {np.mean(lengths):.1f} tokens; '
-            f'compile {compile_s:.1f} s)')
+            f'{np.median(times) * 1e3:.1f} ms; CPU {min(cpu_times) * 1e3:.1f} ms/batch '
+            f'fastest, {np.median(cpu_times) * 1e3:.1f} median; mean output '
+            f'{np.mean(lengths):.1f} tokens; compile {compile_s:.1f} s)')
     if decoder.beam_size == 4:
       line += (f'  -> {sent_s / FLAX_WMT_BEAM4_SENTENCES_PER_S:.2f}x the Flax WMT '
                f'example ({FLAX_WMT_BEAM4_SENTENCES_PER_S:.0f} sentences/s)')
