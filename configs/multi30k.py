@@ -14,7 +14,10 @@ on validation: 37.43 averaged vs 37.39 last); README, Results.
 ``configs/multi30k.py:tiny``: Wu et al. 2021's Transformer-Tiny recipe ("Good for
 Misconceived Reasons": 4+4 layers, d_model 128, d_ff 256, 4 heads, dropout 0.3, beam 5,
 average of the last 10 checkpoints; 41.0 lower-cased tokenized BLEU after 8k updates),
-under a 60-minute budget. Not yet validated against the default on a full run.
+under a 60-minute budget. Measured once on the 2-core AMD EPYC with niced jobs beside
+it (load 12-18): 4,601 steps in the 60 minutes, then validation 19.84 sacreBLEU and
+test2016 21.12 (21.32 lower-cased tokenized) with the last 10 averaged, far below the
+default; it stays a variant.
 """
 
 from configs import default
