@@ -132,6 +132,7 @@ def get_config(arg=None):
   mesh.rules = (
       ('vocab', 'tensor'),
       ('embed', 'fsdp'),
+      ('layers', None),  # The stacked-layer axis of model.scan_layers: replicated.
       ('heads', 'tensor'),
       ('head_dim', None),
       ('mlp', 'tensor'),

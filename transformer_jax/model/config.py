@@ -73,6 +73,10 @@ class TransformerConfig:
   # Rematerialisation of each layer in the backward pass: 'none', 'dots' (keep the
   # weight matmuls' outputs, recompute the rest) or 'full' (keep only the inputs).
   remat: str = 'none'
+  # True: each stack's N layers are one module with parameters stacked on a leading
+  # [N] axis (logical name 'layers') run by one nnx.scan, so the layer body is
+  # traced and compiled once however deep the stack (see model/stacking.py).
+  scan_layers: bool = False
   pad_id: int = PAD_ID
   bos_id: int = BOS_ID
   num_classes: int = 2  # encoder_only: labels of the classification head.

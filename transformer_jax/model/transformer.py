@@ -19,6 +19,7 @@ from flax import nnx
 
 from transformer_jax import sharding
 from transformer_jax.model import attention as attention_lib
+from transformer_jax.model import stacking
 from transformer_jax.model.config import BOS_ID, PAD_ID, TransformerConfig
 from transformer_jax.model.layers import (DecoderLayer, Embedding, EncoderLayer,
                                           OutputProjection, PositionalEncoding,
@@ -55,25 +56,6 @@ def shift_right(targets: Array, positions: Array | None = None, *,
   return jnp.where(targets == pad_id, pad_id, shifted).astype(targets.dtype)
 
 
-# config.model.remat -> what jax.checkpoint keeps for the backward pass.
-_REMAT_POLICIES = {
-    # The outputs of the weight matmuls (no batch dims: projections, FFN); attention
-    # scores, softmax, norms and dropout are recomputed.
-    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    'full': jax.checkpoint_policies.nothing_saveable,  # Only each layer's inputs.
-}
-
-
-def _remat(cfg, off: bool = False):
-  """Wraps a layer call in ``nnx.remat`` with the config's policy; the identity for
-  'none' and when ``off``: when attention probabilities are being collected (remat
-  replays the forward pass, which must not append to a Python list twice) or when
-  decoding with a cache (no gradients)."""
-  if cfg.remat == 'none' or off:
-    return lambda fn: fn
-  return lambda fn: nnx.remat(fn, policy=_REMAT_POLICIES[cfg.remat])
-
-
 class _Stack(nnx.Module):
   """Shared parts of both stacks: embedding + positions + dropout, final pre-LN norm."""
 
@@ -85,7 +67,9 @@ class _Stack(nnx.Module):
                       else None)
     # Sec 5.4: dropout on the sums of the embeddings and the positional encodings.
     self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
-    self.layers = nnx.List([layer_cls(cfg, rngs=rngs) for _ in range(num_layers)])
+    # A list of N layers, or one module scanned over a 'layers' axis (scan_layers).
+    self.layers = stacking.create(cfg, num_layers, lambda rngs: layer_cls(cfg, rngs=rngs),
+                                  rngs)
     # Pre-LN leaves the residual stream unnormalised: one last LayerNorm per stack.
     self.final_norm = layer_norm(cfg, rngs) if cfg.layer_norm == 'pre' else None
 
@@ -122,11 +106,12 @@ class Encoder(_Stack):
                                    key_segments=segments)
     positions = _default_positions(src, positions)
     x = self.embed_tokens(src, positions, deterministic=deterministic)
-    for layer in self.layers:
-      x = _remat(self.cfg, probs_out is not None)(
-          lambda layer, x, mask, positions: layer(
-              x, mask, positions=positions, deterministic=deterministic,
-              probs_out=probs_out))(layer, x, mask, positions)
+    x, _ = stacking.run(
+        self.layers, self.cfg,
+        lambda layer, x, cache, mask, positions, probs: (layer(
+            x, mask, positions=positions, deterministic=deterministic,
+            probs_out=probs), cache),
+        x, mask, positions, probs_outs=(probs_out,))
     return self.normalize_output(x)
 
 
@@ -141,6 +126,7 @@ class Decoder(_Stack):
                cross_attention: bool = True):
     layer = lambda cfg, rngs: DecoderLayer(cfg, rngs=rngs, cross_attention=cross_attention)
     super().__init__(cfg, embedding, cfg.num_decoder_layers, layer, rngs=rngs)
+    self.has_cross_attention = cross_attention
     self.output_projection = (None if cfg.share_embeddings
                               else OutputProjection(cfg, rngs=rngs))
 
@@ -194,15 +180,17 @@ class Decoder(_Stack):
     """
     if length < 1:
       raise ValueError(f'A decode cache needs at least one entry per row, got {length}.')
-    cross = self.layers[0].cross_attention is not None
+    cross = self.has_cross_attention
     if cross and (encoded is None or src is None):
       raise ValueError('A decoder with cross-attention needs encoded and src for its '
                        'cache.')
     if cross and (encoded.shape[0] != batch_size or src.shape[0] != batch_size):
       raise ValueError(f'encoded {encoded.shape} and src {src.shape} must have '
                        f'batch_size={batch_size} rows.')
-    cache = {'layers': [layer.empty_cache(batch_size, length, encoded)
-                        for layer in self.layers],
+    # Per layer, or (scan_layers) one dict of [N, ...] arrays the scan slices.
+    cache = {'layers': stacking.init_caches(
+                 self.layers, self.cfg,
+                 lambda layer: layer.empty_cache(batch_size, length, encoded)),
              'positions': jnp.zeros((batch_size, length), jnp.int32)}
     if cross:
       cache['src_valid'] = src != self.cfg.pad_id
@@ -237,18 +225,16 @@ class Decoder(_Stack):
           tgt_in, cache, index, mask, tgt_positions)
       key_positions = cache['positions']
     y = self.embed_tokens(tgt_in, positions, deterministic=deterministic)
-    probs_out = self_probs_out if self_probs_out is not None else cross_probs_out
-    layer_caches = []
-    for i, layer in enumerate(self.layers):
-      y, layer_cache = _remat(self.cfg, probs_out is not None or cache is not None)(
-          lambda layer, y, encoded, self_mask, cross_mask, positions, layer_cache:
-          layer(y, encoded, self_mask, cross_mask, positions=positions,
-                cache=layer_cache, index=index, key_positions=key_positions,
-                deterministic=deterministic, self_probs_out=self_probs_out,
-                cross_probs_out=cross_probs_out))(
-                    layer, y, encoded, self_mask, cross_mask, positions,
-                    None if cache is None else cache['layers'][i])
-      layer_caches.append(layer_cache)
+    y, layer_caches = stacking.run(
+        self.layers, self.cfg,
+        lambda layer, y, layer_cache, encoded, self_mask, cross_mask, positions, index,
+        key_positions, self_probs, cross_probs: layer(
+            y, encoded, self_mask, cross_mask, positions=positions, cache=layer_cache,
+            index=index, key_positions=key_positions, deterministic=deterministic,
+            self_probs_out=self_probs, cross_probs_out=cross_probs),
+        y, encoded, self_mask, cross_mask, positions, index, key_positions,
+        caches=None if cache is None else cache['layers'],
+        probs_outs=(self_probs_out, cross_probs_out))
     logits = self.logits(y, output_kernel)
     return logits, (None if cache is None else dict(cache, layers=layer_caches))
 

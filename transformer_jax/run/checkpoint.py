@@ -161,6 +161,7 @@ def check_compatible(saved_meta: dict, expected_meta: dict, where: str) -> None:
         f'{expected_meta.get("vocab_size")} pieces). Use a fresh workdir or the '
         f'original vocabulary (config.data.vocab_path).')
   saved, expected = saved_meta['param_shapes'], expected_meta['param_shapes']
+  check_layer_layout(saved, expected, where)
   for name in sorted(set(saved) | set(expected)):
     if saved.get(name) != expected.get(name):
       raise IncompatibleCheckpointError(
@@ -179,6 +180,21 @@ def check_compatible(saved_meta: dict, expected_meta: dict, where: str) -> None:
           f'saved, {expected.get(diff[0])} now). Was grad_accum_steps, weight_decay, '
           'clip_grad_norm or skip_nonfinite_updates changed? Restore the original '
           'config.optim to resume.')
+
+
+def check_layer_layout(saved_shapes, expected_shapes, where: str) -> None:
+  """Raises IncompatibleCheckpointError when the checkpoint stores its stacks in the
+  other ``model.scan_layers`` layout than the model (named, not a missing-parameter
+  list: every layer parameter differs)."""
+  from transformer_jax.model import stacking
+  saved, expected = stacking.layout_of(saved_shapes), stacking.layout_of(expected_shapes)
+  if saved and expected and saved != expected:
+    raise IncompatibleCheckpointError(
+        f'Checkpoint {where} stores its layers {saved} (model.scan_layers='
+        f'{saved == "scanned"}) but the configured model has them {expected} '
+        f'(model.scan_layers={expected == "scanned"}): set --config.model.scan_layers='
+        f'{saved == "scanned"} to resume it (Workdir.restore converts parameters '
+        f'between the layouts for decoding).')
 
 
 def with_shardings(abstract, shardings):

@@ -235,22 +235,28 @@ class Workdir:
   # --------------------------------------------------------------------------
   # The model.
 
-  def abstract_model(self, vocab_size: int):
+  def abstract_model(self, vocab_size: int, *, scan_layers: bool | None = None):
     """The run's model (of its ``config.model.family``) with shape-only arrays.
+
+    ``scan_layers``: the other layer layout than the config's, when not None.
 
     Returns:
       ``(graphdef, abstract_params, rest)``: ``abstract_params`` is the nnx.State
       of Params as ShapeDtypeStructs, ``rest`` the other state (dropout RNGs).
     """
-    if vocab_size not in self._abstract:
+    key = (vocab_size, scan_layers)
+    if key not in self._abstract:
+      import dataclasses
       from flax import nnx
       from transformer_jax.model import families
       from transformer_jax import model as model_lib
       cfg = model_lib.TransformerConfig.from_config(self.config.model, vocab_size)
+      if scan_layers is not None:
+        cfg = dataclasses.replace(cfg, scan_layers=scan_layers)
       model = nnx.eval_shape(
           lambda: families.build_model(cfg, rngs=nnx.Rngs(params=0, dropout=0)))
-      self._abstract[vocab_size] = nnx.split(model, nnx.Param, ...)
-    return self._abstract[vocab_size]
+      self._abstract[key] = nnx.split(model, nnx.Param, ...)
+    return self._abstract[key]
 
   def restore(self, step: int | None = None, average_last: int | None = 1, *,
               mesh: jax.sharding.Mesh | None = None,
@@ -285,16 +291,29 @@ class Workdir:
     step = steps[-1]
     meta = self.read_meta(step)
     _, abstract, _ = self.abstract_model(int(meta['vocab_size']))
-    if mesh is None:
-      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-      shardings = jax.tree.map(lambda _: device, abstract)
-    else:
+
+    def shardings_of(abstract):
+      if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return jax.tree.map(lambda _: device, abstract)
       from transformer_jax import sharding
-      if rules is None:
-        rules = sharding.rules_from_config(self.config.mesh)
-      shardings = sharding.param_shardings(abstract, mesh, rules)
-    target = checkpoint_lib.with_shardings(abstract, shardings)
-    expected = dict(meta, param_shapes=checkpoint_lib.param_shapes(abstract))
+      return sharding.param_shardings(
+          abstract, mesh, rules or sharding.rules_from_config(self.config.mesh))
+
+    # A checkpoint of the other model.scan_layers layout is read in its own layout
+    # and converted (stacked or unstacked) afterwards.
+    from transformer_jax.model import stacking
+    saved_layout = stacking.layout_of(meta['param_shapes'])
+    layout = stacking.layout_of(checkpoint_lib.param_shapes(abstract))
+    convert = None
+    source = abstract
+    if saved_layout and layout and saved_layout != layout:
+      source = self.abstract_model(int(meta['vocab_size']),
+                                   scan_layers=saved_layout == 'scanned')[1]
+      convert = (stacking.stack_params if layout == 'scanned'
+                 else stacking.unstack_params)
+    target = checkpoint_lib.with_shardings(source, shardings_of(source))
+    expected = dict(meta, param_shapes=checkpoint_lib.param_shapes(source))
     ckpt = self.checkpointer()
     total = None
     for s in steps:
@@ -309,6 +328,9 @@ class Workdir:
     if len(steps) > 1:
       total = jax.tree.map(lambda a: (a / len(steps)).astype(a.dtype), total)
       meta = dict(meta, averaged_steps=list(steps))
+    if convert is not None:
+      total = jax.device_put(convert(total), shardings_of(abstract))
+      meta = dict(meta, param_shapes=checkpoint_lib.param_shapes(abstract))
     return Restored(total, step, meta, list(steps))
 
   def model(self, restored: Restored):

@@ -165,8 +165,10 @@ class TrainSetup:
     outside ``jax.grad``: NNX variables may only change at their own trace level.
     """
     model = nnx.merge(self.graphdef, params, self.rest, copy=True)
+    # match_shape: scanned layers hold one dropout key per layer ([N] keys), each
+    # reseeded from its own split of the step's key.
     nnx.reseed(model, dropout=jax.random.fold_in(
-        jax.random.key(self.config.seed + 1), step))
+        jax.random.key(self.config.seed + 1), step), policy='match_shape')
     return nnx.split(model, nnx.Param, ...)[2]
 
   def _loss_fn(self, params, rest, batch: Batch, *, train: bool):
