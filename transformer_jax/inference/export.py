@@ -77,8 +77,13 @@ def restore_for_export(workdir: str, *, step: int | None = None,
     vocab_path = wd.tokenizer().path
   except (FileNotFoundError, ValueError) as e:
     raise ExportError(str(e)) from e
+  state = restored.params
+  if wd.config.model.get('scan_layers'):
+    # The exporters name one parameter set per layer: unstack the scanned layers.
+    from transformer_jax.model import stacking
+    state = stacking.unstack_params(state)
   params = {'/'.join(map(str, path)): np.array(v.get_value(), np.float32)
-            for path, v in nnx.to_flat_state(restored.params)}
+            for path, v in nnx.to_flat_state(state)}
   cfg = model_lib.TransformerConfig.from_config(wd.config.model,
                                                 int(restored.meta['vocab_size']))
   return Restored(params, cfg, vocab_path, restored.step, wd.config)

@@ -120,19 +120,41 @@ def run(layers: nnx.Module, cfg, call: Callable, x: Array, *broadcast: Any,
       new_caches.append(cache)
     return x, None if caches is None else new_caches
 
-  @nnx.scan(in_axes=(nnx.Carry, 0, 0) + (None,) * len(broadcast),
-            out_axes=(nnx.Carry, 0, 0), transform_metadata=_SCAN_METADATA)
-  def body(x, layer, cache, *broadcast):
-    outs = tuple(None if out is None else [] for out in probs_outs)
-    x, cache = remat(
-        lambda layer, x, cache, *broadcast: call(layer, x, cache, *broadcast, *outs))(
-            layer, x, cache, *broadcast)
-    return x, cache, tuple(out[0] for out in outs if out is not None)  # Each [N, ...].
+  if caches is not None:
+    return _decode_scan(layers, call, x, caches, broadcast, len(probs_outs))
 
-  x, caches, stacked = body(x, layers, caches, *broadcast)
+  @nnx.scan(in_axes=(nnx.Carry, 0) + (None,) * len(broadcast),
+            out_axes=(nnx.Carry, 0), transform_metadata=_SCAN_METADATA)
+  def body(x, layer, *broadcast):
+    outs = tuple(None if out is None else [] for out in probs_outs)
+    x, _ = remat(
+        lambda layer, x, *broadcast: call(layer, x, None, *broadcast, *outs))(
+            layer, x, *broadcast)
+    return x, tuple(out[0] for out in outs if out is not None)  # Each [N, ...].
+
+  x, stacked = body(x, layers, *broadcast)
   for out, probs in zip([out for out in probs_outs if out is not None], stacked):
     out.extend(list(probs))
-  return x, caches
+  return x, None
+
+
+def _decode_scan(layers, call, y, caches, broadcast, num_outs):
+  """The scanned stack with caches: ``jax.lax.scan`` over the layers' split state.
+
+  A search calls the model inside its own ``jax.lax.while_loop``, on a model merged
+  outside the loop; ``nnx.scan`` may not take Variables of an outer trace level as
+  inputs, so the state is split here and each layer merged inside the body. A
+  cached decode is deterministic and changes no Variable (the RNG streams are not
+  drawn from), so no state flows back.
+  """
+  graphdef, state = nnx.split(layers)
+
+  def body(y, xs):
+    layer_state, cache = xs
+    return call(nnx.merge(graphdef, layer_state), y, cache, *broadcast,
+                *(None,) * num_outs)  # No probabilities while decoding.
+
+  return jax.lax.scan(body, y, (state, caches))
 
 
 def init_caches(layers: nnx.Module, cfg, make: Callable[[nnx.Module], Any]) -> Any:
@@ -141,13 +163,6 @@ def init_caches(layers: nnx.Module, cfg, make: Callable[[nnx.Module], Any]) -> A
   if not cfg.scan_layers:
     return [make(layer) for layer in layers]
   return nnx.vmap(make, in_axes=0, out_axes=0, transform_metadata=_SCAN_METADATA)(layers)
-
-
-def first_layer(caches: Any, cfg) -> Any:
-  """Layer 0's cache in either layout (for reading shapes)."""
-  if cfg.scan_layers:
-    return jax.tree.map(lambda x: x[0], caches)
-  return caches[0]
 
 
 # ----------------------------------------------------------------------------
