@@ -8,6 +8,7 @@ restored in the other.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -190,3 +191,41 @@ def test_resuming_in_the_other_layout_names_the_mismatch(unscanned_run):
   assert '\n' not in message
   assert ('stores its layers unscanned (model.scan_layers=False) but the configured '
           'model has them scanned (model.scan_layers=True)') in message
+
+
+def test_beam_decoding_with_stacked_caches_equals_unscanned():
+  from transformer_jax.inference import search
+  plain, scanned = _pair(model_lib.Transformer, positions='alibi')
+  src = jnp.asarray(SRC)
+  caches, results = [], []
+  for model in (plain, scanned):
+    cache = search.init_beam_cache(model, model.encode(src), src, 2, 5)
+    caches.append(cache)
+    logits = []
+    for token in ([2, 2, 2, 2], [20, 21, 23, 20], [22, 22, 24, 25]):
+      step_logits, cache = search.beam_step(model, jnp.array(token, jnp.int32), cache)
+      cache = search.reorder_beams(cache, jnp.array([[1, 0], [0, 0]]))
+      logits.append(step_logits)
+    results.append(logits)
+  # Scanned: one [N, ...] array per cache entry, the layers' caches stacked.
+  stacked = caches[1].model['layers']['self']['key']
+  assert stacked.shape == (3,) + caches[0].model['layers'][0]['self']['key'].shape
+  _assert_close(results[1], results[0])
+  outputs = [jax.jit(functools.partial(
+      search.search_model, beam_size=2, alpha=0.6, max_extra_len=3,
+      max_decode_len=8))(*nnx.split(model), src) for model in (plain, scanned)]
+  np.testing.assert_array_equal(outputs[1][0], outputs[0][0])
+  _assert_close(outputs[1][1], outputs[0][1])
+
+
+def test_language_model_cached_decoding_scanned_equals_unscanned():
+  plain, scanned = _pair(LanguageModel, family='decoder_only', positions='rope')
+  results = []
+  for model in (plain, scanned):
+    cache = model.init_cache(2, 6)
+    prefill, cache = model.decode_step(jnp.asarray(TGT[:, :3]), cache, index=0)
+    step, cache = model.decode_step(jnp.asarray(TGT[:, 3:4]), cache, index=3)
+    results.append((prefill, step))
+  _assert_close(results[1], results[0])
+  # The cached steps give the teacher-forced logits.
+  _assert_close(results[1][1][:, 0], plain(jnp.asarray(TGT[:, :4]))[:, 3])
