@@ -86,6 +86,10 @@ def get_config(arg=None):
   o.eps = 1e-9  # Sec 5.3: Adam epsilon.
   o.warmup_steps = 4000  # Sec 5.3.
   o.learning_rate_scale = 1.0  # Multiplies d_model^-0.5 * min(...), the paper's lrate.
+  # After warm-up: 'inverse_sqrt' (Sec 5.3) or 'cosine' (to final_lr_fraction of the
+  # peak at train.num_steps).
+  o.decay = 'inverse_sqrt'
+  o.final_lr_fraction = 0.1  # Used by decay='cosine'.
   o.label_smoothing = 0.1  # Sec 5.4: eps_ls.
   o.grad_accum_steps = 1  # optax.MultiSteps: micro-batches per update.
   o.clip_grad_norm = 0.0  # 0 disables; the paper does not clip.

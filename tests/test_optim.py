@@ -36,6 +36,33 @@ def _optim_cfg(**overrides):
   return cfg
 
 
+def test_cosine_decay_warms_up_as_the_paper_then_follows_a_half_cosine():
+  cfg = _optim_cfg(warmup_steps=100, learning_rate_scale=0.5, decay='cosine',
+                   final_lr_fraction=0.1)
+  schedule = optim.schedule_from_config(cfg, 256, num_steps=1100)
+  paper = optim.learning_rate_schedule(256, 100, scale=0.5)
+  peak = 0.5 * 256**-0.5 * 100**-0.5
+  for count in (0, 50, 99):  # Warm-up: the paper's values, peak at update 99.
+    assert float(schedule(count)) == pytest.approx(float(paper(count)), rel=1e-6)
+  assert float(schedule(99)) == pytest.approx(peak, rel=1e-6)
+  # Halfway through the 1,000 decay updates: the mean of peak and floor.
+  assert float(schedule(99 + 500)) == pytest.approx(peak * (0.1 + 0.9 * 0.5), rel=1e-5)
+  assert float(schedule(99 + 1000)) == pytest.approx(0.1 * peak, rel=1e-5)
+  assert float(schedule(5000)) == pytest.approx(0.1 * peak, rel=1e-5)
+  values = [float(schedule(c)) for c in range(99, 1100, 50)]
+  assert all(a > b for a, b in zip(values, values[1:]))
+
+
+def test_decay_option_defaults_to_the_paper_and_rejects_unknown_names():
+  cfg = _optim_cfg(warmup_steps=100)
+  assert float(optim.schedule_from_config(cfg, 256, 1000)(3000)) == pytest.approx(
+      float(optim.learning_rate_schedule(256, 100)(3000)), rel=1e-6)
+  with pytest.raises(ValueError, match='decay must be'):
+    optim.schedule_from_config(_optim_cfg(decay='linear'), 256, 1000)
+  with pytest.raises(ValueError, match='above optim.warmup_steps'):
+    optim.schedule_from_config(_optim_cfg(decay='cosine', warmup_steps=100), 256, 100)
+
+
 def test_adam_first_update_is_lr_times_sign():
   # Adam's first bias-corrected step is g / (|g| + eps): -lrate(1) * sign(g).
   tx = optim.make_optimizer(_optim_cfg(), d_model=512)

@@ -120,7 +120,7 @@ class TrainSetup:
     sharding.check_divides(mesh, num_heads=model_cfg.num_heads, vocab_size=vocab_size,
                            d_ff=model_cfg.ffn_hidden_dim)
     rules = sharding.rules_from_config(config.mesh)
-    tx = optim.make_optimizer(config.optim, model_cfg.d_model)
+    tx = optim.make_optimizer(config.optim, model_cfg.d_model, config.train.num_steps)
     abstract_model = nnx.eval_shape(
         lambda: families.build_model(model_cfg, rngs=nnx.Rngs(params=0, dropout=0)))
     graphdef, abstract_params, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
@@ -231,9 +231,8 @@ class TrainSetup:
 
   def learning_rate(self, step: int) -> float:
     """The learning rate the update at micro-step ``step`` (0-based) used."""
-    schedule = optim.learning_rate_schedule(
-        self.model_cfg.d_model, self.config.optim.warmup_steps,
-        self.config.optim.learning_rate_scale)
+    schedule = optim.schedule_from_config(self.config.optim, self.model_cfg.d_model,
+                                          self.config.train.num_steps)
     return float(schedule(step // max(1, self.config.optim.grad_accum_steps)))
 
 

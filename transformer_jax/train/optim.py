@@ -2,6 +2,9 @@
 
 * ``learning_rate_schedule``: lrate = scale * d_model^-0.5 * min(step^-0.5,
   step * warmup_steps^-1.5), with ``step`` counted from 1 as in the paper.
+* ``schedule_from_config``: that schedule, or (``optim.decay='cosine'``) the same
+  warm-up followed by a cosine decay to ``final_lr_fraction`` of the peak at
+  ``train.num_steps``, for runs whose length is fixed in advance.
 * ``make_optimizer``: Adam(beta1=0.9, beta2=0.98, eps=1e-9) on that schedule, with
   optional global-norm clipping and decoupled weight decay, wrapped in
   ``optax.MultiSteps`` when gradients are accumulated over several micro-batches
@@ -43,20 +46,61 @@ def learning_rate_schedule(d_model: int, warmup_steps: int,
   return schedule
 
 
-def make_optimizer(optim_cfg, d_model: int) -> optax.GradientTransformation:
+def schedule_from_config(optim_cfg, d_model: int, num_steps: int) -> optax.Schedule:
+  """The learning-rate schedule ``config.optim`` asks for.
+
+  ``decay='inverse_sqrt'`` (default) is the paper's. ``decay='cosine'`` warms up
+  exactly as the paper does to the same peak, scale * d_model^-0.5 *
+  warmup_steps^-0.5, then follows a half cosine from that peak to
+  ``final_lr_fraction`` of it at update ``num_steps`` and stays there.
+
+  Args:
+    optim_cfg: ``config.optim`` (warmup_steps, learning_rate_scale, decay,
+      final_lr_fraction).
+    d_model: model width D.
+    num_steps: updates in the run (``train.num_steps``), where the cosine ends.
+
+  Returns:
+    A schedule ``count -> learning rate`` (float32 scalar), count from 0.
+  """
+  paper = learning_rate_schedule(d_model, optim_cfg.warmup_steps,
+                                 optim_cfg.learning_rate_scale)
+  decay = optim_cfg.get('decay', 'inverse_sqrt')
+  if decay == 'inverse_sqrt':
+    return paper
+  if decay != 'cosine':
+    raise ValueError(f"config.optim.decay must be 'inverse_sqrt' or 'cosine', "
+                     f'not {decay!r}.')
+  warmup = int(optim_cfg.warmup_steps)
+  if num_steps <= warmup:
+    raise ValueError(f'config.optim.decay=cosine needs train.num_steps ({num_steps}) '
+                     f'above optim.warmup_steps ({warmup}).')
+  final = float(optim_cfg.get('final_lr_fraction', 0.1))
+  peak = optim_cfg.learning_rate_scale * d_model**-0.5 * warmup**-0.5
+  cosine = optax.cosine_decay_schedule(peak, num_steps - warmup, alpha=final)
+
+  def schedule(count):
+    # Update ``warmup - 1`` (0-based) is the paper's step ``warmup``: the peak.
+    return jnp.where(count < warmup, paper(count), cosine(count + 1 - warmup))
+
+  return schedule
+
+
+def make_optimizer(optim_cfg, d_model: int,
+                   num_steps: int = 0) -> optax.GradientTransformation:
   """Adam with the paper's schedule; clipping, weight decay, accumulation optional.
 
   Args:
     optim_cfg: ``config.optim`` (b1, b2, eps, warmup_steps, learning_rate_scale,
       clip_grad_norm, weight_decay, grad_accum_steps, skip_nonfinite_updates).
     d_model: model width D (the schedule depends on it).
+    num_steps: updates in the run; where ``decay='cosine'`` ends.
 
   Returns:
     The optax transformation. With ``grad_accum_steps > 1`` it is an
     ``optax.MultiSteps`` whose inner schedule advances once per real update.
   """
-  schedule = learning_rate_schedule(d_model, optim_cfg.warmup_steps,
-                                    optim_cfg.learning_rate_scale)
+  schedule = schedule_from_config(optim_cfg, d_model, num_steps)
   parts = []
   if optim_cfg.clip_grad_norm and optim_cfg.clip_grad_norm > 0:
     parts.append(optax.clip_by_global_norm(optim_cfg.clip_grad_norm))
