@@ -14,8 +14,8 @@ Masked-LM pre-training (BERT's 15% with 80/10/10), then fine-tuning from it:
   echo "a gorgeous , witty , seductive movie ." | \
       .venv/bin/python -m transformer_jax.classify --workdir=runs/sst2
 
-67,349 training and 872 dev sentences (GLUE's split), a shared 8k SentencePiece
-vocabulary (+ [MASK]), a small pre-LN encoder with [CLS] pooling. Measured on the
+67,349 training and 872 dev sentences (GLUE's split), 8,000 ids (7,999 SentencePiece
+pieces + [MASK]), a small pre-LN encoder with [CLS] pooling. Measured on the
 2-core CPU while ~7 other jobs shared it: 79.9% dev accuracy from scratch (step 600,
 137 CPU-seconds), short of the 82% target; the table is in the README.
 """
@@ -44,7 +44,7 @@ def get_config(arg=None):
   d.data_dir = '../shared/data/sst2'  # Relative to the cwd.
   d.train_file = 'train.tsv.gz'
   d.eval_file = 'dev.tsv.gz'
-  d.vocab_size = 7999  # SentencePiece pieces; + [MASK] = 8000 ids.
+  d.vocab_size = 8000  # The model's ids: 7,999 SentencePiece pieces + [MASK].
   d.vocab_model_type = 'unigram'
   d.vocab_train_sentences = 67_349
   d.max_length = 64  # [CLS] + pieces; the longest dev sentence needs ~60.

@@ -122,3 +122,75 @@ def copy_run(tmp_path_factory):
   workdir.close()
   assert loss < 0.1, loss  # It has learned to copy.
   return types.SimpleNamespace(path=path, params=saved, config=config)
+
+
+# ----------------------------------------------------------------------------
+# Runs of the other two families, as training writes them (random parameters).
+
+
+def _save_random_run(path, config, vocab, steps=(3, 6)):
+  """config.json and checkpoints of ``config``'s model (one random init per step)."""
+  import jax
+  import numpy as np
+  from flax import nnx
+  from transformer_jax import model as model_lib
+  from transformer_jax.model import families
+  from transformer_jax.run import checkpoint as checkpoint_lib
+  from transformer_jax.run.workdir import Workdir
+  workdir = Workdir.create(path, config)
+  cfg = model_lib.TransformerConfig.from_config(config.model, vocab.vocab_size)
+  ckpt = workdir.checkpointer(read_only=False)
+  saved = {}
+  for seed, step in enumerate(steps):
+    params = jax.tree.map(np.asarray, nnx.state(
+        families.build_model(cfg, rngs=nnx.Rngs(seed)), nnx.Param))
+    meta = {'vocab_fingerprint': vocab.fingerprint()['sha256'],
+            'vocab_size': vocab.vocab_size,
+            'param_shapes': checkpoint_lib.param_shapes(params)}
+    ckpt.save(step, params, {'count': np.zeros((), np.int32)}, {}, meta, force=True)
+    saved[step] = params
+  workdir.close()
+  return saved
+
+
+@pytest.fixture(scope='session')
+def lm_run(tmp_path_factory):
+  """A decoder-only run (configs/lm_shakespeare.py cut to 1 layer, d_model 32, learned
+  positions up to 32): vocab/chars.json and random checkpoints at steps 3 and 6."""
+  import types
+  from configs import lm_shakespeare
+  from transformer_jax.data import char_text
+  config = lm_shakespeare.get_config()
+  m = config.model
+  m.num_decoder_layers, m.d_model, m.num_heads, m.d_ff, m.max_len = 1, 32, 4, 64, 32
+  path = str(tmp_path_factory.mktemp('lm_run'))
+  vocab = char_text.CharVocabulary.from_text('ROMEO: JULIET\nabcdefghij,.')
+  vocab.save(os.path.join(path, char_text.VOCAB_FILE))
+  config.data.vocab_size = vocab.vocab_size
+  params = _save_random_run(path, config, vocab)
+  return types.SimpleNamespace(path=path, config=config, params=params)
+
+
+@pytest.fixture(scope='session')
+def classifier_run(tmp_path_factory):
+  """An encoder-only run (configs/sst2.py cut to 1 layer, d_model 32, max_length 16):
+  a word-level SentencePiece vocabulary of COPY_WORDS (+ [MASK]) and random
+  checkpoints at steps 3 and 6."""
+  import random
+  import types
+  from configs import sst2
+  from transformer_jax.data import sentences
+  from transformer_jax.data import tokenizer as tokenizer_lib
+  config = sst2.get_config()
+  m = config.model
+  m.num_encoder_layers, m.d_model, m.num_heads, m.d_ff, m.max_len = 1, 32, 4, 64, 16
+  config.data.max_length, config.data.bucket_lengths = 16, (8,)
+  path = str(tmp_path_factory.mktemp('classifier_run'))
+  rng = random.Random(0)
+  tokenizer = tokenizer_lib.train_tokenizer(
+      [copy_sentence(rng) for _ in range(500)], os.path.join(path, 'vocab', 'spm.model'),
+      vocab_size=len(COPY_WORDS) + 4, model_type='word')
+  vocab = sentences.SentenceVocabulary(tokenizer)
+  config.data.vocab_size = vocab.vocab_size
+  params = _save_random_run(path, config, vocab)
+  return types.SimpleNamespace(path=path, config=config, params=params)

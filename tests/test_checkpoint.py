@@ -11,7 +11,6 @@
 import os
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -54,7 +53,7 @@ def saved(tmp_path_factory):
   """A workdir with checkpoints at steps 1, 2, 3 written from one device."""
   workdir = str(tmp_path_factory.mktemp('ckpt'))
   setup = _setup((1, 1, 1))
-  train.write_config(setup.config, workdir)
+  Workdir.create(workdir, setup.config)
   state = setup.init_state()
   ckpt = checkpoint_lib.TrainCheckpointer(workdir, setup.config.checkpoint)
   rng = np.random.RandomState(1)
@@ -178,22 +177,54 @@ def test_average_command_line(saved, tmp_path):
     np.testing.assert_allclose(value, expected, rtol=1e-6, err_msg=name)
 
 
-def test_async_and_time_based_saves(tmp_path):
+class _Clock:
+  """A settable ``datetime`` for orbax's CheckpointManager and our minutes policy,
+  so the time-based decisions do not depend on how fast a loaded machine runs."""
+
+  def __init__(self, monkeypatch):
+    import datetime
+    import types
+    from orbax.checkpoint import checkpoint_manager
+    self.now = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+    clock = self
+
+    class FakeDateTime(datetime.datetime):
+      @classmethod
+      def now(cls, tz=None):
+        return clock.now if tz is None else clock.now.astimezone(tz)
+
+    fake = types.ModuleType('datetime')
+    fake.__dict__.update(datetime.__dict__)
+    fake.datetime = FakeDateTime
+    for module in (checkpoint_manager, checkpoint_lib):
+      monkeypatch.setattr(module, 'datetime', fake)
+
+  def advance(self, seconds):
+    import datetime
+    self.now += datetime.timedelta(seconds=seconds)
+
+
+def test_async_and_time_based_saves(tmp_path, monkeypatch):
   setup = _setup((1, 1, 1))
   cfg = setup.config.checkpoint
   cfg.async_save = True
   cfg.every_steps = 0
   cfg.every_minutes = 0.5 / 60  # Half a second.
   state = setup.init_state()
+  clock = _Clock(monkeypatch)
   ckpt = checkpoint_lib.TrainCheckpointer(str(tmp_path), cfg)
   args = (state['params'], state['opt_state'], {}, _meta(setup))
+  clock.advance(0.4)
   assert not ckpt.save(1, *args)  # Too soon after the start.
-  time.sleep(0.6)
-  assert ckpt.save(2, *args)
+  clock.advance(0.2)
+  assert ckpt.save(2, *args)  # 0.6 s after the start.
   ckpt.wait()
+  clock.advance(0.4)
   assert not ckpt.save(3, *args)  # Too soon after the last save.
+  clock.advance(0.2)
+  assert ckpt.save(4, *args)  # 0.6 s after it.
   ckpt.close()
-  assert checkpoint_lib.TrainCheckpointer(str(tmp_path), cfg).all_steps() == [2]
+  assert checkpoint_lib.TrainCheckpointer(str(tmp_path), cfg).all_steps() == [2, 4]
 
 
 def test_changed_optimizer_is_a_clear_error(tmp_path):

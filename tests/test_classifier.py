@@ -123,6 +123,55 @@ def test_masked_lm_loss_on_a_known_example():
   assert float(sums['correct']) == 1.0  # Slot 2's argmax is id 3.
 
 
+class _Stop(Exception):
+  pass
+
+
+def test_config_vocab_size_is_the_models_ids_in_training_and_the_dry_run(tmp_path,
+                                                                        monkeypatch):
+  # config.data.vocab_size is V, the embedding's rows, in every family: training
+  # makes V - 1 SentencePiece pieces and puts [MASK] at V - 1, and the dry run (which
+  # builds the model from the config alone) builds the same V.
+  from transformer_jax import dry_run
+  from transformer_jax.data import tokenizer as tokenizer_lib
+  words = 'red blue green cat dog bird runs sleeps eats big small the a on under'.split()
+  rng = np.random.default_rng(0)
+  for name, rows in (('train.tsv', 400), ('dev.tsv', 40)):
+    lines = [' '.join(rng.choice(words, rng.integers(1, 8))) + f'\t{i % 2}'
+             for i in range(rows)]
+    (tmp_path / name).write_text('sentence\tlabel\n' + '\n'.join(lines) + '\n')
+  config = sst2.get_config('mlm')
+  d = config.data
+  d.data_dir, d.train_file, d.eval_file = str(tmp_path), 'train.tsv', 'dev.tsv'
+  d.vocab_size, d.vocab_model_type = len(words) + 4 + 1, 'word'
+  d.batch_size, d.max_length, d.bucket_lengths = 8, 16, (8,)
+
+  def datasets():
+    return tasks.for_config(config).get_datasets(
+        config, str(tmp_path / 'run'), process_index=0, process_count=1, batch_multiple=1)
+
+  vocab, train_iter, _ = datasets()
+  assert vocab.vocab_size == d.vocab_size and vocab.tokenizer.vocab_size == d.vocab_size - 1
+  assert vocab.mask_id == d.vocab_size - 1
+  batch = next(train_iter)
+  assert batch['inputs'].max() == vocab.mask_id  # [MASK] is the last id, V - 1.
+  assert datasets()[0].tokenizer.fingerprint() == vocab.tokenizer.fingerprint()  # Resume.
+  seen = {}
+
+  def create(config, vocab_size, mesh, **kwargs):
+    seen['vocab_size'] = vocab_size
+    raise _Stop
+
+  monkeypatch.setattr(train.TrainSetup, 'create', create)
+  with pytest.raises(_Stop):
+    dry_run.run(config, devices=jax.devices()[:1])
+  assert seen['vocab_size'] == vocab.vocab_size
+  d.vocab_size += 1  # The workdir's vocabulary has another size: one clear line.
+  with pytest.raises(tokenizer_lib.VocabularyMismatchError,
+                     match=r'has 19 \+ 1 reserved tokens but config.data.vocab_size is 21'):
+    datasets()
+
+
 def _config(task, sizes):
   config = sst2.get_config('mlm' if task == 'mlm' else None)
   m = config.model

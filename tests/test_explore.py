@@ -24,6 +24,7 @@ from flax import nnx
 
 from transformer_jax import model as model_lib
 from transformer_jax.inference.translator import Translator
+from transformer_jax.run.workdir import Workdir
 from transformer_jax.viz import attention_plots
 
 # Recomputing attention from the returned float32 weights differs from the model's own
@@ -220,12 +221,12 @@ def explore_workdir(shared_data, tmp_path_factory):
   from configs import tiny
   from transformer_jax.run import checkpoint as checkpoint_lib
   from transformer_jax.data import tokenizer as tokenizer_lib
-  from transformer_jax.train import loop as train
+  from transformer_jax.run.workdir import Workdir
   workdir = str(tmp_path_factory.mktemp('explore_workdir'))
   config = tiny.get_config()
   config.model.positions = 'learned'
   config.model.max_len = 24
-  train.write_config(config, workdir)
+  Workdir.create(workdir, config)
 
   def sentences():
     for lang in ('en', 'de'):
@@ -322,3 +323,75 @@ def test_sentence_longer_than_the_model_is_a_clear_error(explore_workdir):
     explore.explore_text(loaded, text)
   with pytest.raises(ValueError, match='empty'):
     explore.explore_text(loaded, '   ')
+
+
+# --- the other families: self-attention only ------------------------------------
+
+
+def test_explore_lm_rows_are_the_next_character_predictions(lm_run):
+  from transformer_jax import explore
+  from transformer_jax.inference import sampling
+  loaded = Workdir.open(lm_run.path).load()
+  text = 'ROMEO: ab'
+  exploration = explore.explore_lm(loaded.model, loaded.vocab, text)
+  w = exploration.weights['decoder_self']
+  cfg = loaded.model.cfg
+  assert set(exploration.weights) == {'decoder_self'}
+  assert w.shape == (cfg.num_decoder_layers, cfg.num_heads, len(text), len(text))
+  np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-5)
+  assert np.all(np.triu(w, k=1) == 0)  # Masked: nothing attends to a later character.
+  assert exploration.target_tokens == ['R', 'O', 'M', 'E', 'O', ':', '\u2423', 'a', 'b']
+  # Row t is what the model predicts after the first t + 1 characters (greedy): the
+  # sampler's greedy continuation of each prefix by one character.
+  sampler = sampling.Sampler(loaded.model, loaded.vocab)
+  rows = (0, 4, len(text) - 1)
+  prefixes = [loaded.vocab.encode(text[:t + 1]) for t in rows]  # One batch, one compile.
+  following = sampler.sample_ids(prefixes, max_new_tokens=1, temperature=0)
+  assert [exploration.predicted_tokens[t] for t in rows] == [
+      explore.char_label(loaded.vocab, ids[-1]) for ids in following]
+  page = exploration.page().to_html()
+  assert 'text: ROMEO: ab' in page and 'next characters (greedy): ' in page
+  assert 'translation:' not in page
+
+
+def test_explore_classifier_shows_encoder_attention_and_the_label(classifier_run):
+  from transformer_jax import classify, explore
+  loaded = Workdir.open(classifier_run.path).load()
+  text = 'the big dog runs'
+  exploration = explore.explore_classifier(loaded.model, loaded.vocab, text,
+                                           ('negative', 'positive'), 16)
+  assert exploration.source_tokens == ['[CLS]', '▁the', '▁big', '▁dog', '▁runs']
+  w = exploration.weights['encoder_self']
+  assert set(exploration.weights) == {'encoder_self'}
+  assert w.shape == (1, loaded.model.cfg.num_heads, 5, 5)
+  np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-5)
+  probs, _ = classify.Classifier(loaded.model, loaded.vocab, classifier_run.config,
+                                 ('negative', 'positive')).predict([text])
+  label = ('negative', 'positive')[int(np.argmax(probs[0]))]
+  assert exploration.translation == f'{label} (p = {np.max(probs[0]):.3f})'
+  with pytest.raises(ValueError, match=r'17 tokens long \(with \[CLS\]\), more than the '
+                                       r'model reads \(config.data.max_length=16\)'):
+    explore.explore_classifier(loaded.model, loaded.vocab, ' '.join(['cat'] * 16),
+                               ('negative', 'positive'), 16)
+
+
+def test_cli_explores_a_language_model_and_refuses_a_search_for_a_classifier(
+    lm_run, classifier_run, tmp_path):
+  out = tmp_path / 'lm'
+  result = _run_cli(f'--workdir={lm_run.path}', '--text=ROMEO:', '--average_last=2',
+                    f'--output={out}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'text:        ROMEO:' in result.stdout and 'step 6' in result.stdout
+  assert sorted(p.name for p in out.iterdir()) == [
+      'attention.html', 'decoder_self_layer0.png', 'positional_encoding.png']
+  data = _page_data(out / 'attention.html')
+  assert list(data['kinds']) == ['decoder_self'] and data['tokens']['source'] == []
+  assert data['tokens']['target'] == list('ROMEO:')
+  with Image.open(out / 'positional_encoding.png') as image:  # With the learned table.
+    assert image.size == attention_plots.positional_size(True)
+  result = _run_cli(f'--workdir={classifier_run.path}', '--text=the cat',
+                    '--beam_size=2')
+  assert result.returncode == 1 and 'Traceback' not in result.stderr
+  assert result.stderr.strip().splitlines()[-1] == (
+      f'explore: --beam_size applies to translation models; {classifier_run.path} holds '
+      'an encoder_only model, which explore shows without a search.')

@@ -36,12 +36,12 @@ jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=pid)
 sys.path.insert(0, os.getcwd())
 from tests import test_multihost as t
 from transformer_jax import sharding
-from transformer_jax.run import checkpoint
+from transformer_jax.run.workdir import Workdir
 from transformer_jax.train import loop as train
 config = t.config()
 mesh = sharding.create_mesh(config.mesh)
 setup = train.TrainSetup.create(config, t.VOCAB, mesh)
-train.write_config(config, workdir)
+run_dir = Workdir.create(workdir, config)
 state = setup.init_state()
 losses = []
 share = t.ROWS // 2
@@ -49,7 +49,7 @@ for batch in t.batches():
   mine = {k: v[pid * share:(pid + 1) * share] for k, v in batch.items()}
   state, sums = setup.train_step(state, train.shard_batch(mine, mesh))
   losses.append(float(sums['loss_sum'] / sums['tokens']))
-ckpt = checkpoint.TrainCheckpointer(workdir, config.checkpoint)
+ckpt = run_dir.checkpointer(read_only=False)
 ckpt.save(t.STEPS, state['params'], state['opt_state'], {'process': pid},
           t.meta(setup), force=True)
 ckpt.close()

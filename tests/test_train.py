@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 from configs import tiny
 from transformer_jax import sharding
 from transformer_jax.train import tasks
-from transformer_jax.run import checkpoint as checkpoint_lib
+from transformer_jax.run.workdir import Workdir
 from transformer_jax.train import flops
 from transformer_jax.train import loop as train
 
@@ -269,8 +269,7 @@ def runs(shared_data, tmp_path_factory):
 def test_sigterm_saves_and_resume_equals_uninterrupted(runs):
   full_dir, full, resumed_dir, first, second = runs
   assert first['step'] == 3  # Stopped at the step SIGTERM arrived, and saved it.
-  assert 3 in checkpoint_lib.TrainCheckpointer(
-      resumed_dir, _config().checkpoint, read_only=True).all_steps()
+  assert 3 in Workdir.open(resumed_dir).steps()
   assert sorted(first['train_loss']) == [1, 2, 3]
   assert sorted(second['train_loss']) == [4, 5, 6]
   resumed = {**first['train_loss'], **second['train_loss']}
@@ -300,22 +299,22 @@ def test_run_writes_config_summaries_and_dev_metrics(runs):
 def test_checkpoint_saved_on_8_devices_restores_on_one_and_on_another_mesh(runs):
   full_dir, full, _, _, _ = runs
   expected = _named_leaves(jax.device_get(full['state']['params']))
-  params, graphdef, rest, config = checkpoint_lib.restore_params(full_dir)
-  got = _named_leaves(params)
+  workdir = Workdir.open(full_dir)
+  restored = workdir.restore()
+  assert restored.step == 6 and restored.steps == [6]
+  got = _named_leaves(restored.params)
   for name, value in expected.items():
     leaf = got[name]
     assert len(leaf.sharding.device_set) == 1
     np.testing.assert_array_equal(np.asarray(leaf), value, err_msg=name)
   mesh = sharding.create_mesh(_config((1, 2, 4)).mesh)
-  params, _, _, _ = checkpoint_lib.restore_params(full_dir, mesh=mesh)
-  got = _named_leaves(params)
+  got = _named_leaves(workdir.restore(mesh=mesh).params)
   for name, value in expected.items():
     assert got[name].sharding.spec == _expected_spec(name), name
     np.testing.assert_array_equal(np.asarray(got[name]), value, err_msg=name)
   # The restored parameters make the model of the workdir's config.
-  from flax import nnx
-  model = nnx.merge(graphdef, params, rest)
-  assert model.cfg.d_model == config.model.d_model
+  model = workdir.model(restored)
+  assert model.cfg.d_model == workdir.config.model.d_model
   batch = _batches(1)[0]
   logits = model(batch['inputs'], batch['targets'])
   assert logits.shape == (8, 10, VOCAB) and np.isfinite(np.asarray(logits)).all()
@@ -335,27 +334,39 @@ def test_main_rejects_an_unknown_config_key(tmp_path):
   assert 'Traceback' not in result.stderr
 
 
-def test_final_bleu_params_average_the_last_checkpoints(runs, shared_data):
+def _params_of(model):
+  from flax import nnx
+  return _named_leaves(jax.device_get(nnx.state(model, nnx.Param)))
+
+
+def test_final_bleu_translator_averages_the_last_checkpoints(runs, shared_data):
   full_dir, full, _, _, _ = runs
   setup, params = full['setup'], full['state']['params']
   config = _text_config(shared_data)
-  steps = checkpoint_lib.TrainCheckpointer(
-      full_dir, config.checkpoint, read_only=True).all_steps()
-  assert steps[-3:] == [2, 4, 6]
+  workdir = Workdir.open(full_dir)
+  tokenizer = workdir.tokenizer()
+  assert workdir.steps()[-3:] == [2, 4, 6]
   config.eval.average_last = 3  # Sec 6.1: average the last checkpoints.
-  averaged = _named_leaves(jax.device_get(tasks._final_params(setup, params, config,
-                                                              full_dir)))
-  each = [_named_leaves(jax.device_get(
-      checkpoint_lib.restore_params(full_dir, step=s)[0])) for s in (2, 4, 6)]
+  translator = tasks._bleu_translator(setup, params, tokenizer, config, full_dir, 6,
+                                      final=True)
+  # Restored as evaluate --average_last=3 restores, onto the training mesh.
+  assert translator.steps == [2, 4, 6] and translator.step == 6
+  assert translator.search.mesh is setup.mesh
+  averaged = _params_of(translator.model)
+  each = [_named_leaves(jax.device_get(workdir.restore(s).params)) for s in (2, 4, 6)]
   for name in averaged:
     np.testing.assert_allclose(averaged[name], sum(e[name] for e in each) / 3,
                                rtol=1e-5, atol=1e-7, err_msg=name)
   latest = _named_leaves(jax.device_get(params))
   assert any(not np.allclose(averaged[n], latest[n]) for n in latest)
-  config.eval.average_last = 1  # No averaging: the live parameters themselves.
-  assert tasks._final_params(setup, params, config, full_dir) is params
-  config.eval.average_last = len(steps) + 1  # Too few checkpoints: the latest.
-  assert tasks._final_params(setup, params, config, full_dir) is params
+  for k in (1, len(workdir.steps()) + 1):  # No averaging, or too few checkpoints:
+    config.eval.average_last = k          # the live parameters themselves.
+    translator = tasks._bleu_translator(setup, params, tokenizer, config, full_dir, 6,
+                                        final=True)
+    assert translator.step == 6 and translator.steps is None
+    got = _params_of(translator.model)
+    for name in latest:
+      np.testing.assert_array_equal(got[name], latest[name], err_msg=name)
 
 
 def test_time_budget_stops_saves_averages_and_evaluates(runs, shared_data, tmp_path,
@@ -372,22 +383,19 @@ def test_time_budget_stops_saves_averages_and_evaluates(runs, shared_data, tmp_p
   config.eval.average_last = 2
   calls = []
 
-  def fake_bleu(setup, params, tokenizer, eval_sets, config, workdir, step, writer,
-                averaged_steps=None):
-    calls.append((jax.device_get(params), step, averaged_steps))
+  def fake_bleu(translator, eval_sets, config, workdir, step, writer):
+    calls.append((_params_of(translator.model), step, translator.steps))
     return {'validation/sacrebleu': 0.0}
 
   monkeypatch.setattr(tasks, '_bleu', fake_bleu)
   result = train.train_and_evaluate(config, workdir)
   assert result['step'] == 7 and result['out_of_time']
   assert sorted(result['train_loss']) == [7]
-  steps = checkpoint_lib.TrainCheckpointer(workdir, config.checkpoint,
-                                           read_only=True).all_steps()
-  assert steps[-2:] == [6, 7]
+  assert Workdir.open(workdir).steps()[-2:] == [6, 7]
   assert len(calls) == 1 and calls[0][1:] == (7, [6, 7]) and result['bleu']
-  each = [_named_leaves(jax.device_get(checkpoint_lib.restore_params(workdir, step=s)[0]))
+  each = [_named_leaves(jax.device_get(Workdir.open(workdir).restore(s).params))
           for s in (6, 7)]
-  averaged = _named_leaves(calls[0][0])
+  averaged = calls[0][0]
   for name in averaged:
     np.testing.assert_allclose(averaged[name], (each[0][name] + each[1][name]) / 2,
                                rtol=1e-5, atol=1e-7, err_msg=name)

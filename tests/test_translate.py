@@ -21,7 +21,7 @@ import pytest
 from flax import nnx
 
 from conftest import COPY_SENTENCES as SENTENCES
-from transformer_jax import evaluate
+from transformer_jax.inference import evaluation
 from transformer_jax.inference.translator import Translator
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -90,7 +90,7 @@ def test_evaluate_bleu_writes_hypotheses_and_json(workdir, tmp_path):
   references[0] = 'the cat sleeps'  # One reference differs from the copy.
   eval_set = types.SimpleNamespace(name='validation', sources=SENTENCES,
                                    references=references)
-  results = evaluate.evaluate_bleu(translator.model, translator.tokenizer, eval_set,
+  results = evaluation.evaluate_bleu(translator.model, translator.tokenizer, eval_set,
                                    workdir.config, workdir=str(tmp_path), step=500)
   hyps = (tmp_path / 'eval' / 'validation-step500.hyp.txt').read_text().splitlines()
   assert hyps == SENTENCES
@@ -99,7 +99,7 @@ def test_evaluate_bleu_writes_hypotheses_and_json(workdir, tmp_path):
   assert saved['sacrebleu'] == pytest.approx(
       sacrebleu.corpus_bleu(SENTENCES, [references]).score)
   assert saved['tok_bleu'] == pytest.approx(
-      evaluate.bleu.tokenized_bleu(SENTENCES, references, lang='de'))
+      evaluation.bleu.tokenized_bleu(SENTENCES, references, lang='de'))
   assert 0 < saved['tok_bleu'] < 100
   assert saved['num_sentences'] == 5 and saved['step'] == 500
   assert saved['sacrebleu_signature'].startswith('nrefs:1|case:mixed')
@@ -109,7 +109,7 @@ def test_evaluate_bleu_writes_hypotheses_and_json(workdir, tmp_path):
 
 def test_result_files_are_named_by_split_step_averaging_and_search(workdir):
   config = workdir.config  # beam 2, alpha 0.6.
-  name = evaluate.result_name
+  name = evaluation.result_name
   assert name('test', {'step': 2000, 'beam_size': 2, 'length_penalty': 0.6},
               config) == 'test-step2000'
   assert name('validation', {'step': 2000, 'averaged_steps': [1100, 1200, 1300]},
@@ -153,7 +153,7 @@ def test_evaluate_bleu_with_mesh_sharded_params_splits_the_batch(workdir, tmp_pa
   model = nnx.merge(graphdef, params, rest)
   assert Translator.from_model(model, translator.tokenizer, config).search.mesh is mesh
   eval_set = types.SimpleNamespace(name='test', sources=SENTENCES, references=SENTENCES)
-  results = evaluate.evaluate_bleu(model, translator.tokenizer, eval_set, config,
+  results = evaluation.evaluate_bleu(model, translator.tokenizer, eval_set, config,
                                    workdir=str(tmp_path), step=7)
   hyps = (tmp_path / 'eval' / 'test-step7.hyp.txt').read_text().splitlines()
   assert hyps == translator.translate(SENTENCES)

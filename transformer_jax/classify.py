@@ -1,26 +1,28 @@
-"""Command line: classify sentences (one per stdin line) with an encoder-only model.
+"""Command line: classify sentences (one a line) with an encoder-only model.
 
   echo "a gorgeous , witty , seductive movie ." | \
       python -m transformer_jax.classify --workdir=runs/sst2
   # positive	0.9731	a gorgeous , witty , seductive movie .
   python -m transformer_jax.classify --workdir=runs/sst2 --embeddings < sentences.txt
+      [--checkpoint_step=N] [--average_last=K] [--input=in.txt] [--output=out.tsv]
 
-Prints the label, its probability and the sentence, tab-separated; ``--embeddings``
-prints each sentence's pooled vector (the classifier's input) as space-separated
-floats instead. The Python equivalent is ``load_classifier(workdir)``.
+reads ``--input`` (default stdin) and writes to ``--output`` (default stdout) the
+label, its probability and the sentence, tab-separated; ``--embeddings`` writes each
+sentence's pooled vector (the classifier's input) as space-separated floats instead.
+The Python equivalent is ``load_classifier(workdir).predict(sentences)``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import os
-import sys
 from collections.abc import Sequence
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
+
+from transformer_jax import cli
 
 
 @dataclasses.dataclass
@@ -66,55 +68,42 @@ class Classifier:
     return np.concatenate(probs), np.concatenate(pooled)
 
 
-def load_classifier(workdir: str, *, step: int | None = None) -> Classifier:
-  """A ``Classifier`` for an encoder-only training workdir (latest checkpoint)."""
-  from transformer_jax.data import sentences as sentences_lib  # pylint: disable=g-import-not-at-top
-  from transformer_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+def load_classifier(workdir: str, *, step: int | None = None,
+                    average_last: int | None = 1) -> Classifier:
+  """A ``Classifier`` for an encoder-only training workdir (latest checkpoint by
+  default; ``average_last=K``: the mean of the last K checkpoints up to ``step``)."""
   from transformer_jax.run import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   wd = workdir_lib.Workdir.open(workdir)
-  config = wd.config
-  family = config.model.get('family', 'encoder_decoder')
-  if family != 'encoder_only':
-    raise ValueError(f'{workdir} holds a {family} model; classify needs an encoder_only '
-                     'one (configs/sst2.py).')
-  model = wd.model(wd.restore(step))
-  path = sentences_lib.vocab_path(config, workdir)
-  vocab = sentences_lib.SentenceVocabulary(tokenizer_lib.Tokenizer(path))
-  if vocab.vocab_size != model.cfg.vocab_size:
-    raise ValueError(f'{path} has {vocab.vocab_size - 1} pieces (+[MASK]) but the '
-                     f'checkpoint has a {model.cfg.vocab_size}-token embedding.')
-  names = tuple(config.data.get('label_names') or
-                [str(i) for i in range(model.cfg.num_classes)])
-  return Classifier(model, vocab, config, names)
+  loaded = wd.load(step, average_last, family='encoder_only', use='classify')
+  names = tuple(wd.config.data.get('label_names') or
+                [str(i) for i in range(loaded.model.cfg.num_classes)])
+  return Classifier(loaded.model, loaded.vocab, wd.config, names)
 
 
 def define_flags() -> None:
   """The command line's flags (defined only when run as a program)."""
-  flags.DEFINE_string('workdir', None, 'Training workdir of an encoder_only model.',
-                      required=True)
-  flags.DEFINE_bool('embeddings', False, 'Print pooled sentence embeddings instead of '
+  cli.define_run_flags()
+  flags.DEFINE_bool('embeddings', False, 'Write pooled sentence embeddings instead of '
                     'labels.')
-  flags.DEFINE_integer('checkpoint_step', None, 'Checkpoint step (default: the latest).')
+  flags.DEFINE_string('input', None, 'Sentences, one a line (default stdin).')
+  flags.DEFINE_string('output', None, 'Where to write the results (default stdout).')
 
 
-def main(argv):
-  from transformer_jax import translate  # pylint: disable=g-import-not-at-top
-  f = translate.start_cli(argv)
-  lines = sys.stdin.read().splitlines()
-  try:
-    classifier = load_classifier(f.workdir, step=f.checkpoint_step)
-  except (FileNotFoundError, ValueError) as e:
-    print(f'classify: {e}', file=sys.stderr)
-    sys.exit(1)
+def main(f: flags.FlagValues) -> None:
+  lines = cli.read_lines(f.input, 'classify')
+  classifier = load_classifier(f.workdir, step=f.checkpoint_step,
+                               average_last=f.average_last)
   probs, pooled = classifier.predict(lines)
+  out = []
   for line, p, e in zip(lines, probs, pooled):
     if f.embeddings:
-      print(' '.join(f'{x:.6g}' for x in e))
+      out.append(' '.join(f'{x:.6g}' for x in e))
     else:
       label = int(np.argmax(p))
-      print(f'{classifier.label_names[label]}\t{p[label]:.4f}\t{line}')
+      out.append(f'{classifier.label_names[label]}\t{p[label]:.4f}\t{line}')
+  cli.write_output(f.output, ''.join(row + '\n' for row in out))
 
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main, 'classify')

@@ -1,11 +1,13 @@
 """The flags every command line after training shares, and their common start.
 
-One vocabulary for translate, evaluate, explore and checkpoint (and export):
+One vocabulary for translate, evaluate, explore, checkpoint, export, sample and
+classify:
 
   --workdir            the training run (config.json, vocab/, checkpoints/)
   --checkpoint_step    which checkpoint (default the latest)
   --average_last       the mean of the last K checkpoints up to it (Sec 6.1)
   --beam_size --alpha --max_extra_length --batch_size   the search (default config.eval)
+  --input              what the command reads, one sentence a line (default stdin)
   --output             where the command writes (a file or a folder, per command)
 
 Each command defines the groups it needs with :func:`define_run_flags` and
@@ -184,6 +186,49 @@ def _show_traceback() -> bool:
     return bool(FLAGS['verbosity'].present)
   except (KeyError, flags.UnparsedFlagAccessError):
     return False
+
+
+def read_lines(path: str | None, command: str) -> list[str]:
+  """The lines of ``path`` (default stdin) as UTF-8 text.
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: naming the input, the line and the first byte that is not UTF-8.
+  """
+  if path is None:
+    return decode_lines(sys.stdin.buffer.read(), 'stdin', command)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'Input file {path} not found.')
+  with open(path, 'rb') as f:
+    return decode_lines(f.read(), path, command)
+
+
+def decode_lines(data: bytes, where: str, command: str = 'this command') -> list[str]:
+  """``data`` split into lines and decoded as UTF-8.
+
+  Raises:
+    ValueError: naming ``where``, the line and the first byte that is not UTF-8.
+  """
+  out = []
+  for number, line in enumerate(data.splitlines(), start=1):
+    try:
+      out.append(line.decode('utf-8'))
+    except UnicodeDecodeError as e:
+      raise ValueError(f'{where}, line {number}: not UTF-8 text (byte '
+                       f'0x{line[e.start]:02x} at column {e.start + 1}); {command} '
+                       'reads UTF-8 text, one sentence a line.') from None
+  return out
+
+
+def write_output(path: str | None, text: str) -> None:
+  """``text`` to ``path`` (written whole, then renamed into place) or to stdout."""
+  if path is None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    return
+  with open(path + '.tmp', 'w', encoding='utf-8') as out:
+    out.write(text)
+  os.replace(path + '.tmp', path)
 
 
 def check_repeated_overrides(argv: Sequence[str]) -> None:

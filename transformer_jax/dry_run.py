@@ -297,7 +297,8 @@ def run(config, *, devices: Sequence | None = None, vocab_size: int | None = Non
     config: the experiment ConfigDict; ``config.mesh`` gives the mesh sizes.
     devices: devices to build the mesh over (default: all of jax's devices), e.g.
       ``topology.tpu_devices('v5e:2x4')``.
-    vocab_size: V (default ``config.data.vocab_size``: no tokenizer is needed).
+    vocab_size: V (default ``config.data.vocab_size``, the model's ids in every
+      family, [MASK] included: no tokenizer is needed).
     length: bucket length L to compile for (default: the longest bucket).
     config_name: what the report calls the config.
     compile_only: the devices can compile but not run (a TPU topology).

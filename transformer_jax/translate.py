@@ -21,7 +21,6 @@ token (counted in a warning).
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -77,43 +76,6 @@ def translate_interactively(translator: Translator, source: TextIO, out: TextIO,
   return count
 
 
-def _read_input(path: str | None) -> list[str]:
-  """Lines of UTF-8 text; bytes that are not UTF-8 are an error naming the line."""
-  if path is None:
-    return decode_lines(sys.stdin.buffer.read(), 'stdin')
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'Input file {path} not found.')
-  with open(path, 'rb') as f:
-    return decode_lines(f.read(), path)
-
-
-def decode_lines(data: bytes, where: str) -> list[str]:
-  """``data`` split into lines and decoded as UTF-8.
-
-  Raises:
-    ValueError: naming ``where``, the line and the first byte that is not UTF-8.
-  """
-  out = []
-  for number, line in enumerate(data.splitlines(), start=1):
-    try:
-      out.append(line.decode('utf-8'))
-    except UnicodeDecodeError as e:
-      raise ValueError(f'{where}, line {number}: not UTF-8 text (byte '
-                       f'0x{line[e.start]:02x} at column {e.start + 1}); translate '
-                       'reads UTF-8 text, one sentence a line.') from None
-  return out
-
-
-def _write_output(path: str | None, text: str) -> None:
-  if path is None:
-    sys.stdout.write(text)
-    sys.stdout.flush()
-    return
-  with open(path + '.tmp', 'w', encoding='utf-8') as out:
-    out.write(text)
-  os.replace(path + '.tmp', path)
-
-
 def main(f: flags.FlagValues) -> None:
   if f.n_best is not None and f.n_best < 1:
     raise ValueError(f'--n_best must be >= 1, got {f.n_best}.')
@@ -122,7 +84,7 @@ def main(f: flags.FlagValues) -> None:
     interactive = f.input is None and sys.stdin.isatty()
   if interactive and f.input is not None:
     raise ValueError('--interactive reads stdin; drop --input.')
-  lines = None if interactive else _read_input(f.input)
+  lines = None if interactive else cli.read_lines(f.input, 'translate')
   translator = translator_from_flags(f)
   start = time.perf_counter()
   if interactive:
@@ -135,21 +97,11 @@ def main(f: flags.FlagValues) -> None:
   else:
     hyps = translator.translate_n_best(lines, f.n_best or 1, progress=True,
                                        where=f.input or 'stdin')
-    _write_output(f.output, format_translations(hyps, f.n_best))
+    cli.write_output(f.output, format_translations(hyps, f.n_best))
     count = len(lines)
   seconds = time.perf_counter() - start
   print(f'translate: {count} lines in {seconds:.1f} s '
         f'({count / max(seconds, 1e-9):.1f} lines/s, compile included)', file=sys.stderr)
-
-
-def start_cli(argv: Sequence[str]) -> flags.FlagValues:
-  """For commands still on ``app.run`` (sample, classify): stray arguments are an
-  error and library logs are quiet. New commands use :func:`cli.run`."""
-  if len(argv) > 1:
-    from absl import app  # pylint: disable=g-import-not-at-top
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  cli.quiet_libraries()
-  return flags.FLAGS
 
 
 def define_flags() -> None:

@@ -60,18 +60,23 @@ def read_labelled_tsv(path: str) -> tuple[list[str], np.ndarray]:
 class SentenceVocabulary:
   """A SentencePiece tokenizer with [CLS] (= bos) in front and a [MASK] id after it.
 
+  ``config.data.vocab_size`` is V, the model's ids: the SentencePiece model is
+  trained with V - EXTRA_IDS pieces (``tokenizer.load_or_train_tokenizer``'s
+  ``reserved_ids``), so that V means the same in every family.
+
   Attributes:
-    vocab_size: the SentencePiece pieces + 1 ([MASK]).
+    vocab_size: V, the SentencePiece pieces + EXTRA_IDS.
     mask_id: the [MASK] id (= the SentencePiece vocabulary size).
   """
 
+  EXTRA_IDS = 1  # [MASK]: SentencePiece reserves no id for it.
   pad_id, eos_id = tokenizer_lib.PAD_ID, tokenizer_lib.EOS_ID
   cls_id, unk_id = tokenizer_lib.BOS_ID, tokenizer_lib.UNK_ID
 
   def __init__(self, tokenizer: tokenizer_lib.Tokenizer):
     self.tokenizer = tokenizer
     self.mask_id = tokenizer.vocab_size
-    self.vocab_size = tokenizer.vocab_size + 1
+    self.vocab_size = tokenizer.vocab_size + self.EXTRA_IDS
 
   def encode_batch(self, sentences: Sequence[str], max_length: int) -> list[np.ndarray]:
     """[CLS] + pieces, at most ``max_length`` ids each (int32 arrays)."""
@@ -82,25 +87,6 @@ class SentenceVocabulary:
     inner = self.tokenizer.fingerprint()
     digest = hashlib.sha256((inner['sha256'] + '+[MASK]').encode()).hexdigest()
     return {'sha256': digest, 'vocab_size': self.vocab_size}
-
-
-def inherited_vocab_path(config) -> str | None:
-  """The vocabulary a fine-tuning run must read: that of ``config.train.init_from``
-  (the ids its pre-trained embedding was trained on), unless ``data.vocab_path`` is set."""
-  init_from = config.train.get('init_from')
-  if not init_from or config.data.get('vocab_path'):
-    return None
-  from transformer_jax.run import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  parent = checkpoint_lib.load_config(init_from)
-  return inherited_vocab_path(parent) or parent.data.get('vocab_path') or os.path.join(
-      init_from, tokenizer_lib.VOCAB_DIRNAME, tokenizer_lib.VOCAB_FILENAME)
-
-
-def vocab_path(config, workdir: str) -> str:
-  """Where a workdir's SentencePiece model is: ``data.vocab_path``, the pre-training
-  run's (fine-tuning), or ``workdir/vocab/spm.model``."""
-  return (config.data.get('vocab_path') or inherited_vocab_path(config) or
-          os.path.join(workdir, tokenizer_lib.VOCAB_DIRNAME, tokenizer_lib.VOCAB_FILENAME))
 
 
 def pad_rows(rows: Sequence[np.ndarray], num_rows: int, length: int) -> np.ndarray:

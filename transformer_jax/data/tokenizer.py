@@ -181,7 +181,7 @@ def train_tokenizer(sentences: Iterable[str], model_path: str | os.PathLike[str]
 
 def load_or_train_tokenizer(data_cfg, workdir: str | os.PathLike[str],
                             sentences: Callable[[], Iterable[str]], *,
-                            process_index: int = 0,
+                            process_index: int = 0, reserved_ids: int = 0,
                             wait_seconds: float = 3600.0) -> Tokenizer:
   """The run's vocabulary: ``data_cfg.vocab_path``, else ``workdir/vocab/spm.model``.
 
@@ -195,12 +195,17 @@ def load_or_train_tokenizer(data_cfg, workdir: str | os.PathLike[str],
     sentences: called only when training is needed; yields sample sentences of both
       languages.
     process_index: this process (``jax.process_index()``).
+    reserved_ids: ids the model adds after the pieces (the encoder-only [MASK]):
+      ``data_cfg.vocab_size`` counts them, so the vocabulary has that many fewer
+      pieces.
     wait_seconds: how long processes other than 0 wait for the vocabulary.
 
   Raises:
     VocabularyMismatchError: the workdir vocabulary has a size other than
-      ``data_cfg.vocab_size`` (the config changed between runs).
+      ``data_cfg.vocab_size - reserved_ids`` (the config changed between runs).
   """
+  pieces = int(data_cfg.vocab_size) - reserved_ids
+  extra = f' + {reserved_ids} reserved' if reserved_ids else ''
   if data_cfg.get('vocab_path'):
     tokenizer = Tokenizer(data_cfg.vocab_path)
     logging.info('Using vocabulary %s (%d tokens)', tokenizer.path, tokenizer.vocab_size)
@@ -208,7 +213,7 @@ def load_or_train_tokenizer(data_cfg, workdir: str | os.PathLike[str],
   path = pathlib.Path(workdir) / VOCAB_DIRNAME / VOCAB_FILENAME
   if not path.exists():
     if process_index == 0:
-      return train_tokenizer(sentences(), path, vocab_size=data_cfg.vocab_size,
+      return train_tokenizer(sentences(), path, vocab_size=pieces,
                              model_type=data_cfg.get('vocab_model_type', 'bpe'))
     deadline = time.time() + wait_seconds
     while not path.exists():
@@ -217,9 +222,9 @@ def load_or_train_tokenizer(data_cfg, workdir: str | os.PathLike[str],
                            f'process 0 to write the vocabulary {path}.')
       time.sleep(5)
   tokenizer = Tokenizer(path)
-  if tokenizer.vocab_size != data_cfg.vocab_size:
+  if tokenizer.vocab_size != pieces:
     raise VocabularyMismatchError(
-        f'{path} has {tokenizer.vocab_size} tokens but config.data.vocab_size is '
+        f'{path} has {tokenizer.vocab_size}{extra} tokens but config.data.vocab_size is '
         f'{data_cfg.vocab_size}. This workdir was started with another vocabulary; use '
         'a new workdir, or set config.data.vocab_size to match.')
   logging.info('Reusing vocabulary %s (%d tokens)', path, tokenizer.vocab_size)

@@ -216,28 +216,16 @@ class Sampler:
     return [self.vocab.decode(row) for row in ids]
 
 
-def load_sampler(workdir: str, *, step: int | None = None) -> Sampler:
-  """A ``Sampler`` for a decoder-only training workdir (latest checkpoint by default).
+def load_sampler(workdir: str, *, step: int | None = None,
+                 average_last: int | None = 1) -> Sampler:
+  """A ``Sampler`` for a decoder-only training workdir (latest checkpoint by default;
+  ``average_last=K``: the mean of the last K checkpoints up to ``step``).
 
   Raises:
     FileNotFoundError, ValueError: no such run, checkpoint or vocabulary; not a
       decoder-only run.
   """
-  import os  # pylint: disable=g-import-not-at-top
-  from transformer_jax.data import char_text  # pylint: disable=g-import-not-at-top
   from transformer_jax.run import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  wd = workdir_lib.Workdir.open(workdir)
-  family = wd.config.model.get('family', 'encoder_decoder')
-  if family != 'decoder_only':
-    raise ValueError(f'{workdir} holds a {family} model; sampling needs a decoder_only '
-                     'one (e.g. configs/lm_shakespeare.py).')
-  model = wd.model(wd.restore(step))
-  vocab_path = os.path.join(workdir, char_text.VOCAB_FILE)
-  if not os.path.exists(vocab_path):
-    raise FileNotFoundError(f'Vocabulary {vocab_path} not found.')
-  vocab = char_text.CharVocabulary.load(vocab_path)
-  if vocab.vocab_size != model.cfg.vocab_size:
-    raise ValueError(f'{vocab_path} has {vocab.vocab_size} ids but the checkpoint has a '
-                     f'{model.cfg.vocab_size}-token embedding.')
-  return Sampler(model, vocab)
-
+  loaded = workdir_lib.Workdir.open(workdir).load(
+      step, average_last, family='decoder_only', use='sampling')
+  return Sampler(loaded.model, loaded.vocab)

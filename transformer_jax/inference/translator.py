@@ -261,7 +261,8 @@ class Translator:
   def from_workdir(cls, path: str, checkpoint_step: int | None = None,
                    average_last: int | None = 1, *, beam_size: int | None = None,
                    alpha: float | None = None, max_extra_length: int | None = None,
-                   batch_size: int | None = None, use_mesh: bool = True) -> Translator:
+                   batch_size: int | None = None, use_mesh: bool = True,
+                   mesh: jax.sharding.Mesh | None = None) -> Translator:
     """Restores a trained run for translation.
 
     Args:
@@ -273,6 +274,8 @@ class Translator:
         greedy search.
       batch_size: sentences per batch; default ``config.data.eval_batch_size``.
       use_mesh: split batches over all devices when there are several.
+      mesh: restore onto this mesh (e.g. training's, with its logical-axis rules)
+        and split batches over it, instead of a data-parallel mesh of all devices.
 
     Raises:
       FileNotFoundError: no workdir, config, checkpoint or vocabulary.
@@ -281,12 +284,13 @@ class Translator:
     from transformer_jax.run.workdir import Workdir
     workdir = Workdir.open(path)
     config = workdir.config
-    mesh = data_parallel_mesh(config) if use_mesh else None
+    if mesh is None and use_mesh:
+      mesh = data_parallel_mesh(config)
     rules = sharding.rules_from_config(config.mesh) if mesh is not None else None
-    restored = workdir.restore(checkpoint_step, average_last, mesh=mesh, rules=rules)
-    tokenizer = workdir.tokenizer()
-    return cls.from_model(workdir.model(restored), tokenizer, config, step=restored.step,
-                          steps=restored.steps, beam_size=beam_size, alpha=alpha,
+    loaded = workdir.load(checkpoint_step, average_last, family='encoder_decoder',
+                          use='translation', mesh=mesh, rules=rules)
+    return cls.from_model(loaded.model, loaded.vocab, config, step=loaded.restored.step,
+                          steps=loaded.restored.steps, beam_size=beam_size, alpha=alpha,
                           max_extra_length=max_extra_length, batch_size=batch_size,
                           mesh=mesh)
 

@@ -1,9 +1,7 @@
-"""Checkpoints: orbax CheckpointManager, resume, restore for decoding, averaging.
+"""Checkpoints: an orbax CheckpointManager for one run, its save policies and resume.
 
-Layout of a training workdir::
+A run's ``checkpoints/`` folder (the rest of the run directory is ``run/workdir.py``)::
 
-  workdir/config.json                the experiment's ConfigDict (train/loop.py writes it)
-  workdir/vocab/spm.model            the SentencePiece vocabulary
   workdir/checkpoints/<step>/        one orbax checkpoint per saved step, items:
       params/      nnx.State of the model's Params (sharded arrays)
       opt_state/   the optax state (same shardings as the params)
@@ -15,9 +13,9 @@ every process has finished, so a crash mid-save leaves the previous checkpoint a
 the latest one. Arrays are restored onto whatever shardings the caller asks for, so
 a checkpoint written on 8 devices restores onto 1 and back.
 
-For decoding: ``restore_params(workdir, step=None, average_last=None)`` and
-``average_checkpoints(workdir, last_k, out_dir)``; from the shell through the CLI
-``python -m transformer_jax.checkpoint`` (transformer_jax/checkpoint.py).
+Restoring for decoding (a step, or the mean of the last K, onto any mesh) and
+writing an averaged run go through ``run.workdir.Workdir``, which builds its
+:class:`TrainCheckpointer` once; from the shell: ``python -m transformer_jax.checkpoint``.
 """
 
 from __future__ import annotations
@@ -26,12 +24,10 @@ import dataclasses
 import datetime
 import json
 import os
-import shutil
 import time
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -41,8 +37,6 @@ from orbax.checkpoint import checkpoint_managers as ocm
 from transformer_jax.run import integrity
 
 CHECKPOINT_DIR = 'checkpoints'
-CONFIG_FILE = 'config.json'
-VOCAB_DIR = 'vocab'
 DAMAGED_DIR = 'damaged_checkpoints'
 
 
@@ -168,7 +162,7 @@ def check_compatible(saved_meta: dict, expected_meta: dict, where: str) -> None:
           f'Checkpoint {where} does not fit the configured model: parameter '
           f'{name!r} has shape {saved.get(name)} in the checkpoint but '
           f'{expected.get(name)} in the model (missing = None). Check '
-          f'config.model against {where}/../../{CONFIG_FILE}.')
+          f'config.model against the run\'s config.json.')
   if 'opt_state_shapes' in saved_meta and 'opt_state_shapes' in expected_meta:
     saved, expected = saved_meta['opt_state_shapes'], expected_meta['opt_state_shapes']
     if saved != expected:
@@ -471,166 +465,3 @@ def check_finite(tree, where: str) -> None:
     raise integrity.CorruptCheckpointError(
         f'Checkpoint {where} holds NaN or infinite values in {len(bad)} arrays '
         f'(e.g. {bad[0]}): saved after the run diverged, or its data is damaged.')
-
-
-# ----------------------------------------------------------------------------
-# Parameters for decoding.
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The ConfigDict train/loop.py wrote to ``workdir/config.json``."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} not found: {workdir} is not a training workdir.')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
-def abstract_model(workdir: str, vocab_size: int | None = None):
-  """The workdir's model with abstract (shape-only) arrays, and its config.
-
-  Returns:
-    ``(graphdef, abstract_params, rest, config)`` where ``abstract_params`` is
-    the nnx.State of Params as ShapeDtypeStructs.
-  """
-  from flax import nnx
-  from transformer_jax.model import families
-  from transformer_jax import model as model_lib
-  config = load_config(workdir)
-  if vocab_size is None:
-    ckpt = TrainCheckpointer(workdir, config.checkpoint, read_only=True,
-                             items=('params', 'meta'))
-    steps = ckpt.all_steps()
-    if not steps:
-      raise FileNotFoundError(f'No checkpoints in {ckpt.directory}.')
-    vocab_size = ckpt.read_meta(steps[-1])['vocab_size']
-  cfg = model_lib.TransformerConfig.from_config(config.model, vocab_size)
-  model = nnx.eval_shape(
-      lambda: families.build_model(cfg, rngs=nnx.Rngs(params=0, dropout=0)))
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  return graphdef, params, rest, config
-
-
-def restore_params(workdir: str, step: int | None = None,
-                   average_last: int | None = None, *, mesh=None):
-  """Restores the model parameters of a training workdir (no optimizer state).
-
-  Only complete, verified, finite steps are used: without ``step``, a damaged
-  latest step is skipped with a warning in favour of the newest intact one; an
-  explicitly requested damaged step is an error naming the damage.
-
-  Args:
-    workdir: the training workdir (or the output of ``average_checkpoints``).
-    step: which checkpoint; default the latest.
-    average_last: average the parameters of the last K checkpoints up to
-      ``step`` (Sec 6.1: 5 for base, 20 for big); None or 1 = no averaging.
-    mesh: place the parameters on this mesh with the config's rules; default
-      replicated on the first local device.
-
-  Returns:
-    ``(params, graphdef, rest, config)``: an nnx.State of Params such that
-    ``nnx.merge(graphdef, params, rest)`` is the Transformer; ``config`` is the
-    workdir's ConfigDict.
-  """
-  params, graphdef, rest, config, _ = _restore_params(workdir, step, average_last,
-                                                      mesh=mesh)
-  return params, graphdef, rest, config
-
-
-def _restore_params(workdir, step, average_last, *, mesh=None):
-  """restore_params, plus the list of steps it restored (newest first)."""
-  config = load_config(workdir)
-  ckpt = TrainCheckpointer(workdir, config.checkpoint, read_only=True,
-                           items=('params', 'meta'))
-  steps = ckpt.all_steps()
-  if not steps:
-    raise FileNotFoundError(f'No checkpoints in {ckpt.directory}.')
-  explicit = step is not None
-  if explicit and int(step) not in steps:
-    path = ckpt.step_path(int(step))
-    why = (integrity.structure_problem(path, ckpt.items) if os.path.isdir(path)
-           else 'no such step')
-    raise FileNotFoundError(f'No checkpoint for step {step} in {ckpt.directory} '
-                            f'({why}; steps: {steps}).')
-  step = int(step) if explicit else steps[-1]
-  k = int(average_last or 1)
-  target = graphdef = rest = expected = None
-  chosen = []
-  for s in reversed([s for s in steps if s <= step]):
-    where = ckpt.step_path(s)
-    try:
-      problem = ckpt.problem(s)
-      if problem:
-        raise integrity.CorruptCheckpointError(f'Checkpoint {where}: {problem}.')
-      meta = ckpt.read_meta(s)
-      if target is None:
-        graphdef, abstract, rest, config = abstract_model(workdir, meta['vocab_size'])
-        target = with_shardings(abstract, _decode_shardings(abstract, mesh, config))
-        expected = dict(meta, param_shapes=param_shapes(abstract))
-      check_compatible(meta, expected, where)
-      params = ckpt._restore_items(s, params=ocp.args.StandardRestore(target)).params
-      check_finite(params, where)
-    except integrity.CorruptCheckpointError as e:
-      if explicit and s == step:
-        raise
-      ckpt._warn_skipped(s, str(e).split(': ', 1)[-1].rstrip('.'))
-      continue
-    chosen.append((s, params))
-    if len(chosen) == k:
-      break
-  if not chosen:
-    raise integrity.CorruptCheckpointError(
-        f'No intact checkpoint in {ckpt.directory}: every step up to {step} is damaged '
-        '(see the warnings above).')
-  if len(chosen) < k:
-    raise ValueError(f'Asked to average the last {k} checkpoints up to step {step}, '
-                     f'but {ckpt.directory} holds only {len(chosen)} intact ones '
-                     f'({sorted(s for s, _ in chosen)}).')
-  total = None
-  for _, params in sorted(chosen, key=lambda c: c[0]):  # Oldest first, as always summed.
-    total = params if total is None else jax.tree.map(lambda a, b: a + b, total, params)
-  if len(chosen) > 1:
-    total = jax.tree.map(lambda a: (a / len(chosen)).astype(a.dtype), total)
-  return total, graphdef, rest, config, [s for s, _ in chosen]
-
-
-def _decode_shardings(abstract, mesh, config):
-  if mesh is None:
-    return jax.tree.map(
-        lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), abstract)
-  from transformer_jax import sharding
-  return sharding.param_shardings(abstract, mesh, sharding.rules_from_config(config.mesh))
-
-
-def average_checkpoints(workdir: str, last_k: int, out_dir: str | None = None,
-                        step: int | None = None) -> str:
-  """Writes the average of the last ``last_k`` checkpoints as a new workdir.
-
-  The output holds config.json, the vocabulary and one checkpoint (at the last
-  averaged step) with the averaged params, so ``restore_params(out_dir)`` and the
-  translate CLI read it like any workdir.
-
-  Returns:
-    The output directory (default ``workdir/averaged_last{K}``).
-  """
-  params, _, _, config, averaged = _restore_params(workdir, step, last_k)
-  step = averaged[0]
-  meta = TrainCheckpointer(workdir, config.checkpoint, read_only=True,
-                           items=('params', 'meta')).read_meta(step)
-  out_dir = out_dir or os.path.join(workdir, f'averaged_last{last_k}')
-  os.makedirs(out_dir, exist_ok=True)
-  shutil.copy(os.path.join(workdir, CONFIG_FILE), os.path.join(out_dir, CONFIG_FILE))
-  if os.path.isdir(os.path.join(workdir, VOCAB_DIR)):
-    shutil.copytree(os.path.join(workdir, VOCAB_DIR), os.path.join(out_dir, VOCAB_DIR),
-                    dirs_exist_ok=True)
-  averaged = sorted(averaged)
-  manager = ocp.CheckpointManager(
-      os.path.join(os.path.abspath(out_dir), CHECKPOINT_DIR),
-      item_names=('params', 'meta'))
-  manager.save(step, force=True, args=ocp.args.Composite(
-      params=ocp.args.StandardSave(params),
-      meta=ocp.args.JsonSave(dict(meta, averaged_steps=averaged))))
-  manager.wait_until_finished()
-  manager.close()
-  integrity.write_checksums(os.path.join(os.path.abspath(out_dir), CHECKPOINT_DIR, str(step)))
-  return out_dir

@@ -2,9 +2,11 @@
 
 A run directory holds::
 
-  config.json        the experiment's ConfigDict (written once when training starts)
+  config.json        the experiment's ConfigDict (written when training starts)
   vocab/spm.model    the shared SentencePiece vocabulary (unless config.data.vocab_path)
+  vocab/chars.json   a character-level language model's vocabulary instead
   checkpoints/<N>/   one orbax checkpoint per saved step (``checkpoint.TrainCheckpointer``)
+  tensorboard/       training's summaries; profile/ a trace when config.train.profile
   eval/, explore/    what evaluate and explore write
 
 Every command line, training's final BLEU and the exporters open a run through
@@ -17,6 +19,10 @@ checkpoints apply to every user.
   wd = Workdir.open('runs/multi30k')
   restored = wd.restore(average_last=5)     # .params, .step, .meta, .steps
   model = wd.model(restored)                # the Transformer with those parameters
+  loaded = wd.load(average_last=5)          # .model, .vocab (the family's), .restored
+
+Training writes through it too (``Workdir(path, config)``: config.json, the
+read-write checkpointer, the summary and profile folders).
 """
 
 from __future__ import annotations
@@ -51,6 +57,13 @@ class Restored(NamedTuple):
   step: int
   meta: dict
   steps: list[int]
+
+
+class Loaded(NamedTuple):
+  """What :meth:`Workdir.load` returns: the model, its vocabulary, what was restored."""
+  model: Any
+  vocab: Any
+  restored: Restored
 
 
 class Workdir:
@@ -101,15 +114,49 @@ class Workdir:
     return os.path.join(self.path, checkpoint_lib.CHECKPOINT_DIR)
 
   @property
+  def tensorboard_dir(self) -> str:
+    return os.path.join(self.path, 'tensorboard')
+
+  @property
+  def profile_dir(self) -> str:
+    return os.path.join(self.path, 'profile')
+
+  @property
+  def explore_dir(self) -> str:
+    """Where the attention explorer writes by default."""
+    return os.path.join(self.path, 'explore')
+
+  @property
   def vocab_dir(self) -> str:
     """The run's own vocabulary folder (copied by averaging and export)."""
     return os.path.join(self.path, tokenizer_lib.VOCAB_DIRNAME)
 
   @property
   def vocab_path(self) -> str:
-    """The SentencePiece model: ``config.data.vocab_path`` or ``vocab/spm.model``."""
-    return (self.config.data.get('vocab_path')
-            or os.path.join(self.vocab_dir, tokenizer_lib.VOCAB_FILENAME))
+    """The SentencePiece model: ``config.data.vocab_path``; else, for a run started
+    from another run's parameters (``config.train.init_from``), that run's vocabulary
+    (the ids its embeddings were trained on); else ``vocab/spm.model``."""
+    given = self.config.data.get('vocab_path')
+    if given:
+      return given
+    parent = self.parent()
+    if parent is not None:
+      return parent.vocab_path
+    return os.path.join(self.vocab_dir, tokenizer_lib.VOCAB_FILENAME)
+
+  def parent(self) -> Workdir | None:
+    """The run whose parameters started this one (``config.train.init_from``).
+
+    Raises:
+      FileNotFoundError: ``init_from`` names no training run.
+      ValueError: ``init_from`` is this run.
+    """
+    init_from = self.config.train.get('init_from') if 'train' in self.config else None
+    if not init_from:
+      return None
+    if os.path.abspath(init_from) == self.path:
+      raise ValueError(f'config.train.init_from={init_from!r} is the run itself.')
+    return Workdir.open(init_from)
 
   @property
   def config(self) -> ml_collections.ConfigDict:
@@ -132,7 +179,7 @@ class Workdir:
       os.replace(self.config_path + '.tmp', self.config_path)
 
   def tokenizer(self) -> tokenizer_lib.Tokenizer:
-    """The run's vocabulary.
+    """The run's SentencePiece vocabulary (translation, encoder-only).
 
     Raises:
       FileNotFoundError: the SentencePiece model is missing.
@@ -142,6 +189,32 @@ class Workdir:
       raise FileNotFoundError(
           f'Vocabulary {path} not found (training writes it to {self.vocab_dir}/).')
     return tokenizer_lib.Tokenizer(path)
+
+  @property
+  def family(self) -> str:
+    """``config.model.family``: 'encoder_decoder', 'decoder_only' or 'encoder_only'."""
+    return self.config.model.get('family', 'encoder_decoder')
+
+  def vocabulary(self):
+    """The vocabulary the run's model reads, whose ``vocab_size`` is its V.
+
+    encoder_decoder: the SentencePiece :class:`~data.tokenizer.Tokenizer`;
+    decoder_only: the ``vocab/chars.json`` character vocabulary; encoder_only: the
+    SentencePiece pieces plus [MASK] (``data.sentences.SentenceVocabulary``).
+
+    Raises:
+      FileNotFoundError: the vocabulary file is missing.
+    """
+    if self.family == 'decoder_only':
+      from transformer_jax.data import char_text  # pylint: disable=g-import-not-at-top
+      path = os.path.join(self.path, char_text.VOCAB_FILE)
+      if not os.path.exists(path):
+        raise FileNotFoundError(f'Vocabulary {path} not found (training writes it).')
+      return char_text.CharVocabulary.load(path)
+    if self.family == 'encoder_only':
+      from transformer_jax.data import sentences  # pylint: disable=g-import-not-at-top
+      return sentences.SentenceVocabulary(self.tokenizer())
+    return self.tokenizer()
 
   # --------------------------------------------------------------------------
   # Checkpoints.
@@ -339,8 +412,49 @@ class Workdir:
     graphdef, _, rest = self.abstract_model(int(restored.meta['vocab_size']))
     return nnx.merge(graphdef, restored.params, jax.tree.map(_concrete, rest))
 
+  def check_family(self, family: str, use: str) -> None:
+    """Raises ValueError unless the run's model is of ``family``; ``use`` names what
+    needs it (e.g. 'sample'), for the message."""
+    if self.family != family:
+      examples = {'encoder_decoder': 'configs/multi30k.py',
+                  'decoder_only': 'configs/lm_shakespeare.py',
+                  'encoder_only': 'configs/sst2.py'}
+      raise ValueError(f'{self.path} holds {a_family(self.family)} model; {use} needs '
+                       f'{a_family(family)} one (e.g. {examples[family]}).')
+
+  def load(self, step: int | None = None, average_last: int | None = 1, *,
+           family: str | None = None, use: str = 'this command',
+           mesh: jax.sharding.Mesh | None = None,
+           rules: Sequence[tuple[str, Any]] | None = None) -> Loaded:
+    """The restored model with its vocabulary: what every command decodes with.
+
+    Args:
+      step, average_last, mesh, rules: as in :meth:`restore`.
+      family: the family the caller needs, checked before anything is restored;
+        ``use`` names the caller in the error.
+
+    Raises:
+      ValueError: another family; a vocabulary that does not fit the checkpoint.
+      FileNotFoundError: see :meth:`restore` and :meth:`vocabulary`.
+    """
+    if family is not None:
+      self.check_family(family, use)
+    self.resolve_steps(step, average_last)  # Cheap checks first: steps, vocabulary.
+    vocab = self.vocabulary()
+    restored = self.restore(step, average_last, mesh=mesh, rules=rules)
+    model = self.model(restored)
+    if vocab.vocab_size != model.cfg.vocab_size:
+      raise ValueError(f'The vocabulary of {self.path} has {vocab.vocab_size} ids but its '
+                       f'checkpoint a {model.cfg.vocab_size}-token embedding.')
+    return Loaded(model, vocab, restored)
+
   def __repr__(self) -> str:
     return f'Workdir({self.path!r})'
+
+
+def a_family(family: str) -> str:
+  """'an encoder_only', 'a decoder_only': a family name for messages."""
+  return ('an ' if family[:1] in 'aeiou' else 'a ') + family
 
 
 def _concrete(leaf):

@@ -4,7 +4,9 @@
 mesh, parameters created already sharded, Adam with the paper's schedule, a
 ``jax.jit`` train step with in/out shardings and donated state, checkpoints
 (resume, preemption), console progress, TensorBoard summaries, dev loss and
-perplexity, and BLEU through ``transformer_jax.evaluate`` at the end.
+perplexity, and BLEU through the ``Translator`` at the end. The run directory
+(config.json, checkpoints, vocabulary) is a ``run.workdir.Workdir``, the same
+object every command line reads it through.
 
 The same loop trains every model family (``config.model.family``): a task object
 (``tasks.py``) supplies the data, the loss and its summed metrics, FLOPs and any
@@ -41,6 +43,7 @@ from transformer_jax import sharding
 from transformer_jax.train import tasks as tasks_lib
 from transformer_jax.run import checkpoint as checkpoint_lib
 from transformer_jax.run import lock as lock_lib
+from transformer_jax.run import workdir as workdir_lib
 from transformer_jax.train import flops as flops_lib
 from transformer_jax.train import optim
 
@@ -321,7 +324,6 @@ def evaluate_workdir(workdir: str, step: int | None = None,
   """The dev metrics of a run's checkpoint (latest by default), any family: dev loss
   and perplexity, plus accuracy for the encoder-only tasks; every batch unless
   ``max_batches``. E.g. the validation nats per character of a language model."""
-  from transformer_jax.run import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   wd = workdir_lib.Workdir.open(workdir)
   config = wd.config
   restored = wd.restore(step)
@@ -341,7 +343,6 @@ def evaluate_workdir(workdir: str, step: int | None = None,
 def _init_from(setup: TrainSetup, workdir: str):
   """Parameters of ``workdir``'s latest checkpoint (e.g. masked-LM pre-training), laid
   out on this run's shardings, to start fine-tuning from."""
-  from transformer_jax.run import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   try:
     params = workdir_lib.Workdir.open(workdir).restore(mesh=setup.mesh).params
   except (FileNotFoundError, ValueError) as e:
@@ -356,21 +357,11 @@ def _init_from(setup: TrainSetup, workdir: str):
   return jax.device_put(params, setup.state_shardings['params'])
 
 
-def write_config(config, workdir: str) -> None:
-  """workdir/config.json: what the translate CLI and restore_params read."""
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, checkpoint_lib.CONFIG_FILE)
-    with open(path + '.tmp', 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
-    os.replace(path + '.tmp', path)
-
-
-def _summary_writer(workdir: str):
+def _summary_writer(run_dir: workdir_lib.Workdir):
   if jax.process_index() != 0:
     return None
   from flax.metrics import tensorboard
-  return tensorboard.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+  return tensorboard.SummaryWriter(run_dir.tensorboard_dir)
 
 
 def _get_datasets(config, workdir, batch_multiple):
@@ -413,7 +404,8 @@ def _train_locked(config, workdir: str, start_time: float) -> dict:
   setup = TrainSetup.create(config, tokenizer.vocab_size, mesh)
   if eval_sets:
     sharding.check_divides(mesh, global_batch=config.data.eval_batch_size)
-  ckpt = checkpoint_lib.TrainCheckpointer(workdir, config.checkpoint)
+  run_dir = workdir_lib.Workdir(workdir, config)
+  ckpt = run_dir.checkpointer(read_only=False)
   meta = {'vocab_fingerprint': tokenizer.fingerprint()['sha256'],
           'vocab_size': tokenizer.vocab_size,
           'param_shapes': checkpoint_lib.param_shapes(setup.abstract_state['params']),
@@ -422,7 +414,7 @@ def _train_locked(config, workdir: str, start_time: float) -> dict:
 
   restored = ckpt.restore_latest(setup.abstract_state['params'],
                                  setup.abstract_state['opt_state'], meta)
-  write_config(config, workdir)
+  run_dir.write_config(config)
   if restored is None:
     latest = None
     state = setup.init_state()
@@ -446,7 +438,7 @@ def _train_locked(config, workdir: str, start_time: float) -> dict:
   accum = max(1, config.optim.grad_accum_steps)
   total_steps = config.train.num_steps * accum
   step = int(latest or 0)
-  writer = _summary_writer(workdir)
+  writer = _summary_writer(run_dir)
   if writer is not None and step == 0:
     writer.hparams(_flat_hparams(config))
   peak = flops_lib.peak_flops_per_device(config.train)
@@ -455,7 +447,7 @@ def _train_locked(config, workdir: str, start_time: float) -> dict:
   history, pending, eval_metrics = {}, [], {}
   window_start, window_flops = time.time(), 0.0
   skip_tokens = step
-  profiler = _Profiler(workdir) if config.train.profile else None
+  profiler = _Profiler(run_dir.profile_dir) if config.train.profile else None
   max_minutes = float(config.train.get('max_minutes', 0.0) or 0.0)
   out_of_time = False
   guard = _FiniteGuard(int(config.optim.get('skip_nonfinite_updates', 0) or 0), ckpt)
@@ -570,7 +562,7 @@ def _train_locked(config, workdir: str, start_time: float) -> dict:
     ckpt.abandon()  # Let good saves in flight finish; the error in flight is the news.
     raise
   preemption.restore()
-  ckpt.close()
+  run_dir.close()
 
   bleu = {}
   if ((step >= total_steps or out_of_time) and eval_sets
@@ -652,8 +644,8 @@ def _check_same_shapes(local: Batch, step: int) -> None:
 class _Profiler:
   """Traces 10 steps, starting 5 after a compile, into workdir/profile (TensorBoard)."""
 
-  def __init__(self, workdir: str):
-    self.path, self.start = os.path.join(workdir, 'profile'), None
+  def __init__(self, path: str):
+    self.path, self.start = path, None
 
   def __call__(self, steps_since_compile: int, step: int) -> None:
     if self.start is None and steps_since_compile == 5:

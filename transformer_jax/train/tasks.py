@@ -91,6 +91,10 @@ class TranslationTask(Task):
 
   def get_datasets(self, config, workdir, *, process_index, process_count, batch_multiple):
     from transformer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    data_cfg = _data_config(config, workdir)
+    if data_cfg is not config.data:
+      config = config.copy_and_resolve_references()
+      config.data = data_cfg
     return pipeline.get_datasets(
         config, workdir, process_index=process_index, process_count=process_count,
         batch_multiple=batch_multiple)
@@ -124,38 +128,64 @@ class TranslationTask(Task):
 
   def extra_eval(self, setup, params, vocab, eval_sets, config, workdir, step, writer, *,
                  final):
-    if not final:
-      return _bleu(setup, params, vocab, eval_sets, config, workdir, step, writer)
-    return _bleu(setup, _final_params(setup, params, config, workdir), vocab, eval_sets,
-                 config, workdir, step, writer,
-                 averaged_steps=_averaged_steps(config, workdir))
+    if jax.process_count() > 1:
+      # Beam search runs eagerly on this process's arrays; sharded over several
+      # hosts it cannot. The evaluate CLI scores the saved checkpoint instead.
+      logging.info('Skipping BLEU in a %d-process run: run python -m '
+                   'transformer_jax.evaluate --workdir=%s.', jax.process_count(), workdir)
+      return {}
+    translator = _bleu_translator(setup, params, vocab, config, workdir, step, final=final)
+    return _bleu(translator, eval_sets, config, workdir, step, writer)
 
 
-def _bleu(setup, params, tokenizer, eval_sets, config, workdir, step, writer,
-          averaged_steps=None):
-  """Dev/test BLEU through transformer_jax.evaluate (beam search, Sec 6.1).
+def _data_config(config, workdir: str):
+  """``config.data`` as training reads it: a run started from another's parameters
+  (``train.init_from``) reads that run's vocabulary (``Workdir.vocab_path``), the ids
+  its embeddings were trained on."""
+  from transformer_jax.run.workdir import Workdir  # pylint: disable=g-import-not-at-top
+  run_dir = Workdir(workdir, config)
+  if config.data.get('vocab_path') or run_dir.parent() is None:
+    return config.data
+  data = config.data.copy_and_resolve_references()
+  with data.unlocked():
+    data.vocab_path = run_dir.vocab_path
+  return data
 
-  ``averaged_steps``: the checkpoints ``params`` average, recorded in the results.
+
+def _bleu_translator(setup, params, tokenizer, config, workdir: str, step: int, *,
+                     final: bool):
+  """The Translator training's BLEU decodes with (beam search, Sec 6.1).
+
+  The final BLEU uses the average of the last ``config.eval.average_last``
+  checkpoints (Sec 6.1), restored exactly as ``evaluate --average_last`` restores
+  them (``Translator.from_workdir``), onto the training mesh. Otherwise, and when
+  fewer checkpoints were saved, the parameters in memory.
   """
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  try:
-    from transformer_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    logging.info('transformer_jax.evaluate is not available: skipping BLEU.')
-    return {}
-  if jax.process_count() > 1:
-    # Beam search runs eagerly on this process's arrays; sharded over several
-    # hosts it cannot. The evaluate CLI scores the saved checkpoint instead.
-    logging.info('Skipping BLEU in a %d-process run: run python -m '
-                 'transformer_jax.evaluate --workdir=%s.', jax.process_count(), workdir)
-    return {}
+  from transformer_jax.inference.translator import Translator  # pylint: disable=g-import-not-at-top
+  from transformer_jax.run.workdir import Workdir  # pylint: disable=g-import-not-at-top
+  if final:
+    k = int(config.eval.average_last or 1)
+    if k > 1 and len(Workdir(workdir, config).steps()) >= k:
+      translator = Translator.from_workdir(workdir, average_last=k, mesh=setup.mesh)
+      logging.info('Final BLEU with the average of checkpoints %s (Sec 6.1).',
+                   translator.steps)
+      return translator
+    logging.info('Final BLEU with the latest parameters (eval.average_last=%s).', k)
   model = nnx.merge(setup.graphdef, params, setup.rest)
+  return Translator.from_model(model, tokenizer, config, step=step)
+
+
+def _bleu(translator, eval_sets, config, workdir: str, step: int, writer
+          ) -> dict[str, float]:
+  """Dev/test BLEU of ``translator`` on each evaluation set; results in workdir/eval."""
+  from transformer_jax.inference import evaluation  # pylint: disable=g-import-not-at-top
   results = {}
   for split, eval_set in eval_sets.items():
-    scores = evaluate_lib.evaluate_bleu(
-        model, tokenizer, eval_set, config, workdir=workdir, step=step, split=split,
-        max_sentences=config.train.bleu_max_sentences or None,
-        extra={'averaged_steps': averaged_steps} if averaged_steps else None)
+    n = config.train.bleu_max_sentences or len(eval_set.sources)
+    scores = evaluation.evaluate_translator(
+        translator, list(eval_set.sources[:n]), list(eval_set.references[:n]),
+        split=split, output=evaluation.eval_dir(workdir), progress=False)
     for name in ('sacrebleu', 'tok_bleu', 'lc_tok_bleu'):
       if name in scores:
         results[f'{split}/{name}'] = float(scores[name])
@@ -165,36 +195,6 @@ def _bleu(setup, params, tokenizer, eval_sets, config, workdir, step, writer,
       writer.scalar(name, value, step)
     writer.flush()
   return results
-
-
-def _final_params(setup, params, config, workdir: str):
-  """The parameters the final BLEU is computed with.
-
-  Sec 6.1 decodes with the average of the last ``config.eval.average_last``
-  checkpoints; with fewer checkpoints saved than that, the latest parameters.
-  """
-  from transformer_jax import sharding  # pylint: disable=g-import-not-at-top
-  from transformer_jax.run.workdir import Workdir  # pylint: disable=g-import-not-at-top
-  steps = _averaged_steps(config, workdir)
-  if steps is None:
-    logging.info('Final BLEU with the latest parameters (eval.average_last=%s).',
-                 config.eval.average_last)
-    return params
-  restored = Workdir.open(workdir).restore(average_last=len(steps), mesh=setup.mesh,
-                                           rules=sharding.rules_from_config(config.mesh))
-  logging.info('Final BLEU with the average of checkpoints %s (Sec 6.1).', restored.steps)
-  return restored.params
-
-
-def _averaged_steps(config, workdir: str) -> list[int] | None:
-  """The last ``eval.average_last`` checkpoints the final BLEU averages; None (the
-  latest parameters) for 1 or when fewer checkpoints were saved."""
-  from transformer_jax.run.workdir import Workdir  # pylint: disable=g-import-not-at-top
-  k = int(config.eval.average_last or 1)
-  if k <= 1:
-    return None
-  steps = Workdir.open(workdir).steps()
-  return list(steps[-k:]) if len(steps) >= k else None
 
 
 class LanguageModelTask(Task):
@@ -273,15 +273,10 @@ class _SentenceTask(Task):
         os.path.join(folder, d.train_file))
     dev_sentences, dev_labels = sentences_lib.read_labelled_tsv(
         os.path.join(folder, d.eval_file))
-    data_cfg = d
-    inherited = sentences_lib.inherited_vocab_path(config)
-    if inherited:
-      data_cfg = d.copy_and_resolve_references()
-      with data_cfg.unlocked():
-        data_cfg.vocab_path = inherited
     tokenizer = tokenizer_lib.load_or_train_tokenizer(
-        data_cfg, workdir, lambda: train_sentences[:d.vocab_train_sentences],
-        process_index=process_index)
+        _data_config(config, workdir), workdir,
+        lambda: train_sentences[:d.vocab_train_sentences], process_index=process_index,
+        reserved_ids=sentences_lib.SentenceVocabulary.EXTRA_IDS)
     vocab = sentences_lib.SentenceVocabulary(tokenizer)
     global_rows = int(d.batch_size)
     local = global_rows // process_count
@@ -303,7 +298,7 @@ class _SentenceTask(Task):
         buckets=buckets, process_index=process_index, process_count=process_count,
         mlm_probability=mlm, mask_id=vocab.mask_id, vocab_size=vocab.vocab_size,
         seed=config.seed)}
-    logging.info('Data: %d training and %d dev sentences from %s, vocabulary %d (+[MASK]),'
+    logging.info('Data: %d training and %d dev sentences from %s, %d pieces (+[MASK]),'
                  ' %d rows per process, buckets %s%s.', len(train_sentences),
                  len(dev_sentences), folder, tokenizer.vocab_size, local, buckets,
                  f', masked LM p={mlm}' if mlm else '')

@@ -54,12 +54,15 @@ class AttentionPage:
     predicted_tokens: T labels of what each decoder position predicts (the
       translation and '</s>'), the rows of decoder attention; by default
       ``target_tokens`` shifted left with '</s>' last.
+    source_text, target_text: shown above the controls, as ``source_label: ...``
+      and ``target_label: ...`` (e.g. 'sentence' and 'prediction' for a classifier).
   """
 
   def __init__(self, weights: Mapping[str, np.ndarray], source_tokens: Sequence[str],
                target_tokens: Sequence[str], *,
                predicted_tokens: Sequence[str] | None = None, title: str = 'Attention',
                source_text: str | None = None, target_text: str | None = None,
+               source_label: str = 'source', target_label: str = 'translation',
                decimals: int = 4):
     self.source_tokens = [str(t) for t in source_tokens]
     self.target_tokens = [str(t) for t in target_tokens]
@@ -87,8 +90,8 @@ class AttentionPage:
     if not self.weights:
       raise ValueError('AttentionPage needs the weights of at least one attention kind')
     self.title = title
-    self.source_text = source_text
-    self.target_text = target_text
+    self.source_text, self.source_label = source_text, source_label
+    self.target_text, self.target_label = target_text, target_label
     self.decimals = decimals
 
   def _data(self) -> dict:
@@ -108,9 +111,11 @@ class AttentionPage:
     data = data.replace('<', '\\u003c')
     sentences = []
     if self.source_text is not None:
-      sentences.append(f'source: {html.escape(self.source_text)}')
+      sentences.append(f'{html.escape(self.source_label)}: '
+                       f'{html.escape(self.source_text)}')
     if self.target_text is not None:
-      sentences.append(f'translation: {html.escape(self.target_text)}')
+      sentences.append(f'{html.escape(self.target_label)}: '
+                       f'{html.escape(self.target_text)}')
     return _fill(asset('attention_page.html'), {
         'title': html.escape(self.title), 'style': asset('attention_page.css'),
         'sentences': '<br>'.join(sentences), 'data': data,
