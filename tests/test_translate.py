@@ -204,6 +204,8 @@ SHARED_FLAGS = ('--workdir', '--checkpoint_step', '--average_last')
     ('evaluate', ('--beam_size', '--split', '--source_file', '--output')),
     ('explore', ('--beam_size', '--text', '--output')),
     ('checkpoint', ('--output',)),
+    ('sample', ('--prompt', '--max_new_tokens', '--temperature', '--output')),
+    ('classify', ('--embeddings', '--input', '--output')),
 ])
 def test_helpshort_lists_the_shared_flags(command, own):
   result = _cli(command, '--helpshort')
