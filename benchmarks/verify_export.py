@@ -2,20 +2,21 @@
 
   python benchmarks/verify_export.py --workdir=runs/multi30k \
       --source=../shared/data/multi30k/test2016.en.gz \
-      --reference=../shared/data/multi30k/test2016.de.gz [--max_sentences=0] [--greedy]
+      --reference=../shared/data/multi30k/test2016.de.gz [--max_sentences=0] [--greedy] \
+      [--checkpoint_step=N] [--average_last=K] [--beam_sizes=4,5] [--output=DIR]
 
-Exports the workdir to CTranslate2 (float32 and int8, under /tmp), translates the
-source with our beam search (the workdir's config.eval: beam 4, alpha 0.6, output
-limit source + 50) and with CTranslate2 under the same beam, alpha and per-sentence
-limit, and prints: the share of sentences with identical output, sacreBLEU of each,
-and the differences. ``--greedy`` also compares greedy search, where the two engines
-differ only in arithmetic. Where torch and transformers are installed it exports to
-Hugging Face MarianMT and prints the largest logit difference against our model on
-the first sentences (teacher-forced on our translations).
-
-The searches differ by design (README, Export): CTranslate2 divides log P by |Y|^alpha
-where we use GNMT's ((5 + |Y|) / 6)^alpha, and it stops after beam-size finished
-hypotheses where we stop when no alive one can win.
+Exports the workdir to CTranslate2 (float32 and int8, under ``--output`` or /tmp),
+translates the source with our beam search under CTranslate2's rules
+(``beam_rules='ctranslate2'``: its length penalty |Y|^alpha, what finishes and when
+it stops) and with CTranslate2, same beam, alpha (the workdir's config.eval) and
+per-sentence limit (source + 50), and prints: the share of sentences with identical
+output, sacreBLEU of each, and each differing sentence with both outputs' scores
+log P / |Y|^alpha under the float32 export (teacher-forced), which tells a near-tie
+in the arithmetic from a search that went elsewhere. Our paper search (Sec 6.1's
+GNMT penalty and stopping) is printed beside it. ``--greedy`` also compares greedy
+search. Where torch and transformers are installed it exports to Hugging Face
+MarianMT and prints the largest logit difference against our model on the first
+sentences (teacher-forced on our translations).
 """
 
 import argparse
@@ -59,15 +60,37 @@ def _compare(name, ours, theirs, references):
   return theirs_bleu
 
 
-def _ct2(model_dir, lines, beam_size, alpha, max_extra):
+def _engine(model_dir):
   import ctranslate2
   import sentencepiece as spm
   sp = spm.SentencePieceProcessor(model_file=os.path.join(model_dir, 'spm.model'))
-  translator = ctranslate2.Translator(model_dir, device='cpu', intra_threads=os.cpu_count())
+  return sp, ctranslate2.Translator(model_dir, device='cpu', intra_threads=os.cpu_count())
+
+
+def _ct2(model_dir, lines, beam_size, alpha, max_extra):
+  sp, translator = _engine(model_dir)
   pieces = export.ctranslate2_translate(
       translator, [sp.encode(line.strip(), out_type=str) for line in lines],
       beam_size=beam_size, length_penalty=alpha, max_extra_length=max_extra)
   return [sp.decode(p) for p in pieces]
+
+
+def _print_differences(model_dir, lines, ours, theirs, alpha, limit=20):
+  """Each differing sentence with both outputs and their scores log P / |Y|^alpha
+  (|Y| without eos, CTranslate2's ranking) under the float32 export."""
+  sp, translator = _engine(model_dir)
+  differing = [(s, a, b) for s, a, b in zip(lines, ours, theirs) if a != b]
+  print(f'  {len(differing)} differ' + (f'; the first {limit}:' if len(differing) > limit
+                                        else ':'))
+  for src, a, b in differing[:limit]:
+    source = sp.encode(src.strip(), out_type=str)
+    scores = []
+    for hyp in (a, b):
+      target = sp.encode(hyp, out_type=str)
+      logp = sum(translator.score_batch([source], [target])[0].log_probs)
+      scores.append(logp / max(len(target), 1) ** alpha)
+    print(f'  differs: {src!r}\n    ours: {a!r} ({scores[0]:.5f})\n'
+          f'    ct2:  {b!r} ({scores[1]:.5f})')
 
 
 def _huggingface_logits(workdir, out_dir, lines, ours, n):
@@ -107,6 +130,12 @@ def main():
   parser.add_argument('--source', required=True)
   parser.add_argument('--reference', required=True)
   parser.add_argument('--checkpoint_step', type=int, default=None)
+  parser.add_argument('--average_last', type=int, default=1,
+                      help='Export and decode the mean of the last K checkpoints.')
+  parser.add_argument('--beam_sizes', default='',
+                      help='Comma-separated beam sizes (default config.eval.beam_size).')
+  parser.add_argument('--output', default='',
+                      help='Folder for the exports (default a new one under /tmp).')
   parser.add_argument('--max_sentences', type=int, default=0, help='0 = all.')
   parser.add_argument('--greedy', action='store_true', help='Also compare greedy search.')
   parser.add_argument('--hf_sentences', type=int, default=8)
@@ -116,25 +145,34 @@ def main():
         f'{", ".join(f"{x:.1f}" for x in os.getloadavg())}')
   lines = _read(args.source, args.max_sentences)
   references = _read(args.reference, args.max_sentences)
-  out = tempfile.mkdtemp(prefix='verify-export-')
+  out = args.output or tempfile.mkdtemp(prefix='verify-export-')
   dirs = {q: export.to_ctranslate2(args.workdir, os.path.join(out, q), quantization=q,
-                                   step=args.checkpoint_step)
+                                   step=args.checkpoint_step,
+                                   average_last=args.average_last, force=True)
           for q in ('float32', 'int8')}
-  translator = Translator.from_workdir(args.workdir, args.checkpoint_step, use_mesh=False)
+  translator = Translator.from_workdir(args.workdir, args.checkpoint_step,
+                                       args.average_last, use_mesh=False)
   e = translator.config.eval
-  step = translator.step
-  print(f'{args.workdir} step {step}, {len(lines)} sentences, beam '
-        f'{e.beam_size}, alpha {e.length_penalty}, limit source + {e.max_extra_length}')
-  ours = translator.translate(lines)
-  for q, model_dir in dirs.items():
-    theirs = _ct2(model_dir, lines, e.beam_size, e.length_penalty, e.max_extra_length)
-    _compare(f'beam {e.beam_size}, ctranslate2 {q} vs ours', ours, theirs, references)
-    if q == 'float32':
-      differing = [(s, a, b) for s, a, b in zip(lines, ours, theirs) if a != b]
-      for src, a, b in differing[:10]:
-        print(f'  differs: {src!r}\n    ours: {a!r}\n    ct2:  {b!r}')
+  steps = translator.steps or [translator.step]
+  print(f'{args.workdir} step {translator.step} (mean of {len(steps)} checkpoints), '
+        f'{len(lines)} sentences, alpha {e.length_penalty}, limit source + '
+        f'{e.max_extra_length}')
+  beams = [int(b) for b in args.beam_sizes.split(',')] if args.beam_sizes else [e.beam_size]
+  ours = None
+  for beam in beams:
+    ours = translator.with_search(beam_size=beam, beam_rules='ctranslate2').translate(lines)
+    paper = translator.with_search(beam_size=beam, beam_rules='paper').translate(lines)
+    for q, model_dir in dirs.items():
+      theirs = _ct2(model_dir, lines, beam, e.length_penalty, e.max_extra_length)
+      _compare(f'beam {beam}, ctranslate2 {q} vs ours (ctranslate2 rules)', ours, theirs,
+               references)
+      if q == 'float32':
+        _print_differences(model_dir, lines, ours, theirs, e.length_penalty)
+        _compare(f'beam {beam}, ctranslate2 {q} vs ours (paper rules)', paper, theirs,
+                 references)
   if args.greedy:
-    ours_greedy = translator.with_search(beam_size=1).translate(lines)
+    ours_greedy = translator.with_search(beam_size=1, beam_rules='ctranslate2').translate(
+        lines)
     theirs = _ct2(dirs['float32'], lines, 1, 0.0, e.max_extra_length)
     _compare('greedy, ctranslate2 float32 vs ours', ours_greedy, theirs, references)
   _huggingface_logits(args.workdir, os.path.join(out, 'hf'), lines, ours,

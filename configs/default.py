@@ -152,5 +152,7 @@ def get_config(arg=None):
   e.beam_size = 4  # Sec 6.1.
   e.length_penalty = 0.6  # Sec 6.1: alpha, GNMT form ((5 + |Y|) / 6)^alpha.
   e.max_extra_length = 50  # Sec 6.1: output length <= input length + 50.
+  # 'paper' (Sec 6.1) or 'ctranslate2' (its scoring and stopping, to check an export).
+  e.beam_rules = 'paper'
   e.average_last = 5  # Sec 6.1: base averages the last 5 checkpoints, big 20.
   return config

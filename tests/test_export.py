@@ -3,9 +3,13 @@
 - CTranslate2's teacher-forced log-probabilities equal ours (1e-4) for post-LN with
   shared embeddings and sinusoids, and for pre-LN with separate embeddings, learned
   positions and a head dim apart from d_model / heads: every weight is in its place.
-- On the trained copy model (conftest's ``copy_run``), the CLI's
-  export translates raw text through ctranslate2 + sentencepiece to exactly our beam
-  search's outputs; the int8 export still copies.
+- Our beam search under ``beam_rules='ctranslate2'`` returns CTranslate2's n-best
+  lists and scores (1e-4): on random models with peaked distributions where EOS
+  competes (many sentences stop at the length limit, many n-best lists mix both), and
+  on the trained copy model (conftest's ``copy_run``) through the CLI's export, raw
+  text in, ctranslate2 + sentencepiece. The paper's rules give other lists there, so
+  a wrong length penalty or stopping rule fails the check. The int8 export still
+  copies.
 - The MarianMT directory holds the expected files and tensor shapes; where torch and
   transformers are installed (requirements-huggingface.txt, not CI) its logits equal
   ours (1e-3: Marian's LayerNorm epsilon is 1e-5, ours 1e-6).
@@ -27,6 +31,7 @@ from flax import nnx
 
 from transformer_jax import model as model_lib
 from transformer_jax.inference import export
+from transformer_jax.inference import search as search_lib
 from transformer_jax.inference.translator import Translator
 
 from conftest import copy_sentence as _sentence
@@ -35,20 +40,25 @@ from test_translate import REPO, workdir  # noqa: F401  (module fixture)
 ctranslate2 = pytest.importorskip('ctranslate2')
 
 
-def _random_params(**overrides):
+def _random_params(seed=0, eos_scale=None, **overrides):
   """A random 2+2-layer model and its flat parameters, norms and biases perturbed so
-  that a misplaced scale or bias shows."""
+  that a misplaced scale or bias shows. With ``eos_scale`` the (shared) embedding is
+  scaled by 3 and its eos row by ``eos_scale`` more: peaked next-token distributions
+  in which eos competes with going on, so that the beam's rules decide outputs."""
   cfg = model_lib.TransformerConfig(vocab_size=30, num_encoder_layers=2,
                                     num_decoder_layers=2, d_model=16, num_heads=4,
                                     d_ff=32, max_len=32, **overrides)
-  model = model_lib.Transformer(cfg, rngs=nnx.Rngs(0))
+  model = model_lib.Transformer(cfg, rngs=nnx.Rngs(seed))
   flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-  rng = np.random.default_rng(0)
+  rng = np.random.default_rng(seed)
   params = {}
   for path, variable in flat:
     value = np.asarray(variable.get_value(), np.float32)
     if path[-1] in ('bias', 'scale', 'bi', 'bo'):
       value = value + rng.normal(0, 0.2, value.shape).astype(np.float32)
+    if eos_scale is not None and path[-1] == 'embedding':
+      value = value * 3.0
+      value[1] *= eos_scale
     params['/'.join(map(str, path))] = value
     variable.set_value(jnp.asarray(value))
   nnx.update(model, nnx.from_flat_state(flat))
@@ -84,6 +94,65 @@ def test_ctranslate2_log_probs_equal_ours(overrides, tmp_path):
     np.testing.assert_allclose(result.log_probs, ours, atol=1e-4)
 
 
+def _ct2_translator(spec, out):
+  class Loaded(ctranslate2.converters.Converter):
+    def _load(self):
+      return spec
+
+  return ctranslate2.Translator(Loaded().convert(out), device='cpu')
+
+
+def _ct2_n_best(translator, sources, pieces, *, beam_size, alpha, max_extra_length):
+  """CTranslate2's ``beam_size`` best (ids without eos or pad, score) per source (ids
+  without eos), with our per-sentence output limit (``export.ctranslate2_translate``)."""
+  out = []
+  for source in sources:
+    result = translator.translate_batch(
+        [[pieces[i] for i in source]], beam_size=beam_size, length_penalty=alpha,
+        max_decoding_length=len(source) + 1 + max_extra_length, max_input_length=0,
+        num_hypotheses=beam_size, return_scores=True)[0]
+    # A random model may emit <pad>, which our ids drop (search.strip_eos).
+    out.append([([pieces.index(p) for p in h if p != '<pad>'], s)
+                for h, s in zip(result.hypotheses, result.scores)])
+  return out
+
+
+def _assert_same_n_best(ours, theirs):
+  for mine, other in zip(ours, theirs, strict=True):
+    assert [ids for ids, _ in mine] == [ids for ids, _ in other]
+    np.testing.assert_allclose([s for _, s in mine], [s for _, s in other], atol=1e-4)
+
+
+def test_ctranslate2_rules_give_ctranslate2s_n_best_on_random_models(tmp_path):
+  rng = np.random.default_rng(0)
+  at_limit = differ_under_paper = 0
+  # Seeds and scales where P(eos) is about 0.3 (median) and 0.1 over random contexts.
+  for seed, eos_scale, k, alpha, extra in [(1, -1.0, 4, 0.6, 6), (2, -3.0, 3, 1.0, 4)]:
+    model, cfg, params = _random_params(seed, eos_scale)
+    translator = _ct2_translator(export.ctranslate2_spec(params, cfg, PIECES, max_positions=64),
+                                 str(tmp_path / f'ct2-{seed}'))
+    sources = [list(rng.integers(4, 30, rng.integers(1, 6))) for _ in range(12)]
+    src = np.zeros((len(sources), 6), np.int32)
+    for row, source in enumerate(sources):
+      src[row, :len(source) + 1] = source + [1]
+    theirs = _ct2_n_best(translator, sources, PIECES, beam_size=k, alpha=alpha,
+                         max_extra_length=extra)
+    graphdef, state = nnx.split(model)
+    ours = {}
+    for rules in search_lib.BEAM_RULES:
+      tokens, scores = jax.jit(lambda state, src: search_lib.search_model(
+          graphdef, state, src, beam_size=k, alpha=alpha, max_extra_len=extra,
+          max_decode_len=6 + extra, beam_rules=rules))(state, jnp.asarray(src))
+      ours[rules] = [[(search_lib.strip_eos(t), float(s)) for t, s in zip(ts, ss)]
+                     for ts, ss in zip(np.asarray(tokens), np.asarray(scores))]
+    _assert_same_n_best(ours['ctranslate2'], theirs)
+    at_limit += sum(len(ids) == len(s) + 1 + extra for s, row in zip(sources, theirs)
+                    for ids, _ in row)
+    differ_under_paper += sum([i for i, _ in a] != [i for i, _ in b]
+                              for a, b in zip(ours['paper'], theirs))
+  assert at_limit >= 10 and differ_under_paper >= 5, (at_limit, differ_under_paper)
+
+
 @pytest.fixture(scope='module')
 def ct2_dir(workdir, tmp_path_factory):  # noqa: F811
   """The CLI's CTranslate2 export of the trained copy model."""
@@ -117,6 +186,23 @@ def test_ctranslate2_export_translates_raw_text_as_our_beam_search(
   theirs = _ct2_lines(ct2_dir, lines, eval_cfg)
   assert theirs == ours
   assert sum(t == line for t, line in zip(theirs, lines)) >= 20  # It copies.
+
+  # n-best lists and scores under CTranslate2's rules, beam 4: the alternatives to
+  # the copy are where the length penalty and the stopping rule decide.
+  sp = spm.SentencePieceProcessor(model_file=os.path.join(ct2_dir, 'spm.model'))
+  pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+  translator = Translator.from_workdir(workdir.path, use_mesh=False, beam_size=4,
+                                       beam_rules='ctranslate2')
+  ours_n_best = [[(h.ids, h.score) for h in row]
+                 for row in translator.translate(lines, n_best=4)]
+  theirs_n_best = _ct2_n_best(ctranslate2.Translator(ct2_dir, device='cpu'),
+                              [sp.encode(line) for line in lines], pieces, beam_size=4,
+                              alpha=eval_cfg.length_penalty,
+                              max_extra_length=eval_cfg.max_extra_length)
+  _assert_same_n_best(ours_n_best, theirs_n_best)
+  paper = translator.with_search(beam_rules='paper').translate(lines, n_best=4)
+  assert sum([h.ids for h in a] != [ids for ids, _ in b]
+             for a, b in zip(paper, theirs_n_best)) >= 1
 
   # A short position table, so that the weights dominate the file sizes.
   sizes = {}

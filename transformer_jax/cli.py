@@ -6,7 +6,8 @@ classify:
   --workdir            the training run (config.json, vocab/, checkpoints/)
   --checkpoint_step    which checkpoint (default the latest)
   --average_last       the mean of the last K checkpoints up to it (Sec 6.1)
-  --beam_size --alpha --max_extra_length --batch_size   the search (default config.eval)
+  --beam_size --alpha --max_extra_length --beam_rules --batch_size
+                       the search (default config.eval)
   --input              what the command reads, one sentence a line (default stdin)
   --output             where the command writes (a file or a folder, per command)
 
@@ -60,14 +61,18 @@ def define_run_flags(*, average_last: int | None = 1) -> None:
 
 
 def define_search_flags(*, batch_size: bool = True) -> None:
-  """--beam_size, --alpha, --max_extra_length (and --batch_size)."""
+  """--beam_size, --alpha, --max_extra_length, --beam_rules (and --batch_size)."""
   flags.DEFINE_integer('beam_size', None, 'Beam size (default config.eval.beam_size); '
                        '1 = greedy search.')
   flags.DEFINE_float('alpha', None, 'Length penalty exponent (default '
                      'config.eval.length_penalty).')
   flags.DEFINE_integer('max_extra_length', None, 'Output limit beyond the input length '
                        '(default config.eval.max_extra_length).')
-  names = ['beam_size', 'alpha', 'max_extra_length']
+  from transformer_jax.inference.search import BEAM_RULES
+  flags.DEFINE_enum('beam_rules', None, list(BEAM_RULES), 'Beam search scoring '
+                    'and stopping: paper (Sec 6.1, GNMT length penalty) or ctranslate2 '
+                    '(as CTranslate2 decodes an export) (default config.eval.beam_rules).')
+  names = ['beam_size', 'alpha', 'max_extra_length', 'beam_rules']
   if batch_size:
     flags.DEFINE_integer('batch_size', None, 'Sentences per batch (default '
                          'config.data.eval_batch_size).')

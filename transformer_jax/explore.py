@@ -228,7 +228,8 @@ def _explore_workdir(f: flags.FlagValues, workdir: Workdir):
   if workdir.family == 'encoder_decoder':
     translator = Translator.from_workdir(
         f.workdir, f.checkpoint_step, f.average_last, beam_size=f.beam_size,
-        alpha=f.alpha, max_extra_length=f.max_extra_length, use_mesh=False)
+        alpha=f.alpha, max_extra_length=f.max_extra_length, use_mesh=False,
+        beam_rules=f.beam_rules)
     return explore_text(translator, f.text), translator.model, translator.step
   search = [name for name in ('beam_size', 'alpha', 'max_extra_length')
             if f[name].present]

@@ -36,7 +36,7 @@ def translator_from_flags(f: flags.FlagValues, **overrides) -> Translator:
   """The Translator the shared run and search flags ask for."""
   kwargs = dict(checkpoint_step=f.checkpoint_step, average_last=f.average_last,
                 beam_size=f.beam_size, alpha=f.alpha, max_extra_length=f.max_extra_length,
-                batch_size=f.batch_size)
+                batch_size=f.batch_size, beam_rules=f.beam_rules)
   kwargs.update(overrides)
   return Translator.from_workdir(f.workdir, **kwargs)
 

@@ -32,7 +32,8 @@ def result_name(split: str, results: dict, config=None) -> str:
   """The file stem of one evaluation: split, step and what was decoded.
 
   ``test-step2000``, ``validation-step2000-avg10`` (the average of 10 checkpoints),
-  and ``-beam{K}`` / ``-alpha{A}`` when the search differs from ``config.eval``'s, so
+  and ``-beam{K}`` / ``-alpha{A}`` / ``-ctranslate2`` when the search differs from
+  ``config.eval``'s, so
   evaluating other checkpoints or searches never overwrites an earlier result.
   """
   name = split if results.get('step') is None else f'{split}-step{results["step"]}'
@@ -45,6 +46,9 @@ def result_name(split: str, results: dict, config=None) -> str:
     name += f'-beam{results["beam_size"]}'
   if e is not None and results.get('length_penalty', e.length_penalty) != e.length_penalty:
     name += f'-alpha{results["length_penalty"]:g}'
+  rules = results.get('beam_rules', 'paper')
+  if e is not None and rules != e.get('beam_rules', 'paper'):
+    name += f'-{rules}'
   return name
 
 
@@ -108,7 +112,8 @@ def evaluate_translator(translator: Translator, sources: Sequence[str],
   results = score_translations(hypotheses, references,
                                lang=translator.config.data.target_lang, step=translator.step)
   results.update(split=split, beam_size=search.beam_size, length_penalty=search.alpha,
-                 max_extra_length=search.max_extra_len, decode_seconds=seconds)
+                 max_extra_length=search.max_extra_len, beam_rules=search.beam_rules,
+                 decode_seconds=seconds)
   if translator.steps and len(translator.steps) > 1:
     results['averaged_steps'] = list(translator.steps)
   results.update(extra or {})

@@ -19,6 +19,14 @@ stops as soon as no unfinished hypothesis can beat the finished ones. The loop i
 ``jax.lax.while_loop`` over a buffer of fixed length, so one compilation serves
 every batch of a given source shape.
 
+``beam_rules='ctranslate2'`` instead follows CTranslate2's beam search (its
+``BeamSearch::search``, src/decoding.cc, with patience 1 and ``min_decoding_length``
+1), so that an exported model can be checked token for token against ours: EOS is
+barred from the first step (its logit masked before the softmax), only EOS among a
+step's K best candidates finishes a hypothesis, a sentence stops once K hypotheses
+have finished, and the best of all finished ones wins by log P / |Y|^alpha (|Y|
+counts the EOS, as ours does). See :data:`BEAM_RULES`.
+
 :func:`search_model` wires a :class:`~transformer_jax.model.Transformer` into the
 searches: encode once, project each sentence's cross-attention keys and values
 once (its K beams share them, :class:`BeamCache`), then run the loop; traceable, so
@@ -44,6 +52,18 @@ NEG_INF = -1.0e9
 Cache = Any
 StepFn = Callable[[jax.Array, Cache], tuple[jax.Array, Cache]]
 ReorderFn = Callable[[Cache, jax.Array], Cache]
+
+
+BEAM_RULES = ('paper', 'ctranslate2')
+"""The beam search's scoring and stopping rules: 'paper' (Sec 6.1 as tensor2tensor
+runs it; the default) or 'ctranslate2' (CTranslate2 4.x's, for checking exports)."""
+
+
+def check_beam_rules(rules: str) -> str:
+  """``rules`` if it names a rule set of :data:`BEAM_RULES`, else a ValueError."""
+  if rules not in BEAM_RULES:
+    raise ValueError(f'beam_rules must be one of {", ".join(BEAM_RULES)}; got {rules!r}.')
+  return rules
 
 
 def length_penalty(length, alpha: float):
@@ -155,8 +175,11 @@ class _GreedyState(NamedTuple):
 def greedy_search(step_fn: StepFn, cache: Cache, src_lengths: jax.Array, *,
                   max_decode_len: int, max_extra_len: int = 50,
                   eos_id: int = EOS_ID, bos_id: int = BOS_ID,
-                  pad_id: int = PAD_ID) -> jax.Array:
+                  pad_id: int = PAD_ID, beam_rules: str = 'paper') -> jax.Array:
   """Most likely next token at each step until EOS or the length limit.
+
+  Under ``beam_rules='ctranslate2'`` the first token cannot be EOS, as in CTranslate2's
+  greedy search (``min_decoding_length=1``).
 
   Args:
     step_fn: ``(token [B], cache) -> (logits [B, V], cache)``.
@@ -165,18 +188,23 @@ def greedy_search(step_fn: StepFn, cache: Cache, src_lengths: jax.Array, *,
     max_decode_len: L, the output buffer length (static).
     max_extra_len: a sentence stops after ``src_length + max_extra_len`` tokens.
     eos_id, bos_id, pad_id: special token ids.
+    beam_rules: one of :data:`BEAM_RULES`.
 
   Returns:
     [B, L] int32 tokens, EOS included, ``pad_id`` after it.
   """
   batch = src_lengths.shape[0]
   limits = output_limits(src_lengths, max_extra_len, max_decode_len)
+  ct2 = check_beam_rules(beam_rules) == 'ctranslate2'
 
   def cond(s: _GreedyState):
     return (s.i < max_decode_len) & ~jnp.all(s.done)
 
   def body(s: _GreedyState):
     logits, cache = step_fn(s.last, s.cache)
+    if ct2:
+      logits = jnp.where((s.i == 0) & (jnp.arange(logits.shape[-1]) == eos_id),
+                         NEG_INF, logits)
     token = first_argmax(logits)
     token = jnp.where(s.done, pad_id, token)
     tokens = s.tokens.at[:, s.i].set(token)
@@ -197,8 +225,9 @@ class _BeamState(NamedTuple):
   last: jax.Array  # [B, K] previous token of each alive beam.
   alive_tokens: jax.Array  # [B, K, L]
   alive_logp: jax.Array  # [B, K] log P of each alive prefix.
-  finished_tokens: jax.Array  # [B, K, L]
+  finished_tokens: jax.Array  # [B, K, L] (2K slots under CTranslate2's rules)
   finished_scores: jax.Array  # [B, K] length-normalised; NEG_INF = empty slot.
+  num_finished: jax.Array  # [B] int32 hypotheses finished so far.
   done: jax.Array  # [B] bool: finished hypotheses are final.
   cache: Cache  # B * K rows.
 
@@ -213,7 +242,8 @@ def beam_search(step_fn: StepFn, cache: Cache, src_lengths: jax.Array, *,
                 beam_size: int = 4, alpha: float = 0.6, max_decode_len: int,
                 max_extra_len: int = 50, eos_id: int = EOS_ID,
                 bos_id: int = BOS_ID, pad_id: int = PAD_ID,
-                reorder_fn: ReorderFn | None = None) -> tuple[jax.Array, jax.Array]:
+                reorder_fn: ReorderFn | None = None,
+                beam_rules: str = 'paper') -> tuple[jax.Array, jax.Array]:
   """Beam search with the GNMT length penalty and early stopping (Sec 6.1).
 
   Each step expands the K alive prefixes of a sentence, keeps the 2K best
@@ -222,6 +252,17 @@ def beam_search(step_fn: StepFn, cache: Cache, src_lengths: jax.Array, *,
   best others alive. A sentence is done when its K-th best finished score is at
   least the best score an alive prefix could still reach: log P only falls as a
   prefix grows, so that bound is ``best alive log P / lp(limit)`` for alpha >= 0.
+
+  ``beam_rules='ctranslate2'`` changes what finishes and when the search stops, as
+  CTranslate2 does: the first step cannot end (EOS's logit is masked before the
+  log-softmax, ``min_decoding_length=1``); of a step's 2K candidates only those among
+  the K best that end are finished (an EOS ranked K+1..2K is dropped); every
+  finished hypothesis is kept (at most 2K - 1 before the sentence stops) with score
+  log P / |Y|^alpha, |Y| its tokens with the EOS (CTranslate2 4.8.5's scores as
+  measured: its hypotheses leave the EOS out, its length penalty counts it); a
+  sentence stops once K have finished, and the best of them wins. (With alpha = 0
+  CTranslate2 stops as soon as its best candidate ends, which picks the same best
+  hypothesis.)
 
   Args:
     step_fn: ``(token [B*K], cache) -> (logits [B*K, V], cache)``; rows are
@@ -236,12 +277,17 @@ def beam_search(step_fn: StepFn, cache: Cache, src_lengths: jax.Array, *,
     reorder_fn: ``(cache, parents [B, K]) -> cache`` for the next step, where new
       beam k of sentence b continues old beam ``parents[b, k]``; by default every
       leaf but scalars is a [B * K, ...] array whose rows are gathered.
+    beam_rules: one of :data:`BEAM_RULES`.
 
   Returns:
     tokens [B, K, L] int32 (EOS included unless the length limit cut the
     hypothesis, ``pad_id`` after) and scores [B, K] float32, best first.
   """
   batch, k = src_lengths.shape[0], beam_size
+  ct2 = check_beam_rules(beam_rules) == 'ctranslate2'
+  # CTranslate2 keeps every finished hypothesis: fewer than K before a step, at
+  # most K more in it.
+  slots = 2 * k if ct2 else k
   limits = output_limits(src_lengths, max_extra_len, max_decode_len)
   max_penalty = length_penalty(limits, alpha)  # [B]
   if reorder_fn is None:
@@ -256,6 +302,8 @@ def beam_search(step_fn: StepFn, cache: Cache, src_lengths: jax.Array, *,
     logits, cache = step_fn(s.last.reshape(batch * k), s.cache)
     vocab = logits.shape[-1]
     logits = logits.astype(jnp.float32).reshape(batch, k, vocab)
+    if ct2:  # min_decoding_length=1: no empty output, the rest renormalised.
+      logits = jnp.where((s.i == 0) & (jnp.arange(vocab) == eos_id), NEG_INF, logits)
     top_logp, top_idx = beam_candidates(logits, s.alive_logp, 2 * k)  # [B, 2K]
     parent, token = top_idx // vocab, (top_idx % vocab).astype(jnp.int32)  # [B, 2K]
     tokens = _take_beams(s.alive_tokens, parent).at[:, :, s.i].set(token)
@@ -264,10 +312,15 @@ def beam_search(step_fn: StepFn, cache: Cache, src_lengths: jax.Array, *,
     ends = (token == eos_id) | at_limit
 
     # Finished set: the K best of the old finished and the newly ended.
-    new_scores = top_logp / length_penalty(s.i + 1, alpha)
-    new_scores = jnp.where(ends & valid & ~s.done[:, None], new_scores, NEG_INF)
+    finishing = ends & valid & ~s.done[:, None]  # [B, 2K]
+    if ct2:
+      finishing &= jnp.arange(2 * k) < k  # Only the K best candidates finish.
+      new_scores = top_logp / (s.i + 1).astype(jnp.float32) ** alpha
+    else:
+      new_scores = top_logp / length_penalty(s.i + 1, alpha)
+    new_scores = jnp.where(finishing, new_scores, NEG_INF)
     all_scores = jnp.concatenate([s.finished_scores, new_scores], axis=1)
-    finished_scores, pick = jax.lax.top_k(all_scores, k)  # Ties keep the older.
+    finished_scores, pick = jax.lax.top_k(all_scores, slots)  # Ties keep the older.
     finished_tokens = _take_beams(
         jnp.concatenate([s.finished_tokens, tokens], axis=1), pick)
 
@@ -277,10 +330,14 @@ def beam_search(step_fn: StepFn, cache: Cache, src_lengths: jax.Array, *,
     last = jnp.take_along_axis(token, pick, axis=1)
     cache = reorder_fn(cache, jnp.take_along_axis(parent, pick, axis=1))
 
-    best_alive_bound = alive_logp[:, 0] / max_penalty
-    done = s.done | at_limit[:, 0] | (finished_scores[:, -1] >= best_alive_bound)
+    num_finished = s.num_finished + jnp.sum(finishing, axis=1, dtype=jnp.int32)
+    if ct2:
+      stop = num_finished >= k
+    else:
+      stop = finished_scores[:, -1] >= alive_logp[:, 0] / max_penalty
+    done = s.done | at_limit[:, 0] | stop
     return _BeamState(s.i + 1, last, alive_tokens, alive_logp, finished_tokens,
-                      finished_scores, done, cache)
+                      finished_scores, num_finished, done, cache)
 
   first_beam_only = jnp.where(jnp.arange(k) == 0, 0.0, NEG_INF)  # No duplicates.
   init = _BeamState(
@@ -288,12 +345,13 @@ def beam_search(step_fn: StepFn, cache: Cache, src_lengths: jax.Array, *,
       last=jnp.full((batch, k), bos_id, jnp.int32),
       alive_tokens=jnp.full((batch, k, max_decode_len), pad_id, jnp.int32),
       alive_logp=jnp.broadcast_to(first_beam_only, (batch, k)).astype(jnp.float32),
-      finished_tokens=jnp.full((batch, k, max_decode_len), pad_id, jnp.int32),
-      finished_scores=jnp.full((batch, k), NEG_INF, jnp.float32),
+      finished_tokens=jnp.full((batch, slots, max_decode_len), pad_id, jnp.int32),
+      finished_scores=jnp.full((batch, slots), NEG_INF, jnp.float32),
+      num_finished=jnp.zeros((batch,), jnp.int32),
       done=jnp.zeros((batch,), bool),
       cache=cache)
   final = jax.lax.while_loop(cond, body, init)
-  return final.finished_tokens, final.finished_scores
+  return final.finished_tokens[:, :k], final.finished_scores[:, :k]
 
 
 def strip_eos(tokens: Sequence[int] | np.ndarray, eos_id: int = EOS_ID,
@@ -382,7 +440,7 @@ def reorder_beams(cache: BeamCache, parents: jax.Array) -> BeamCache:
 
 def search_model(graphdef, state, src: jax.Array, *, beam_size: int, alpha: float,
                  max_extra_len: int, max_decode_len: int, eos_id: int = EOS_ID,
-                 bos_id: int = BOS_ID, pad_id: int = PAD_ID
+                 bos_id: int = BOS_ID, pad_id: int = PAD_ID, beam_rules: str = 'paper'
                  ) -> tuple[jax.Array, jax.Array]:
   """Encodes ``src`` once and searches; traceable, so wrap it in ``jax.jit``.
 
@@ -391,7 +449,7 @@ def search_model(graphdef, state, src: jax.Array, *, beam_size: int, alpha: floa
     src: [B, S] int32 source ids, ``pad_id`` padded.
     beam_size: K; 1 runs greedy search (what beam search with K = 1 and
       alpha = 0 returns).
-    alpha, max_extra_len, max_decode_len, eos_id, bos_id, pad_id: as in
+    alpha, max_extra_len, max_decode_len, eos_id, bos_id, pad_id, beam_rules: as in
       :func:`beam_search`.
 
   Returns:
@@ -407,9 +465,9 @@ def search_model(graphdef, state, src: jax.Array, *, beam_size: int, alpha: floa
   if k == 1:
     tokens = greedy_search(step_fn, cache, src_lengths, max_decode_len=max_decode_len,
                            max_extra_len=max_extra_len, eos_id=eos_id, bos_id=bos_id,
-                           pad_id=pad_id)
+                           pad_id=pad_id, beam_rules=beam_rules)
     return tokens[:, None], jnp.zeros((batch, 1), jnp.float32)
   return beam_search(step_fn, cache, src_lengths, beam_size=k, alpha=alpha,
                      max_decode_len=max_decode_len, max_extra_len=max_extra_len,
                      eos_id=eos_id, bos_id=bos_id, pad_id=pad_id,
-                     reorder_fn=reorder_beams)
+                     reorder_fn=reorder_beams, beam_rules=beam_rules)

@@ -14,7 +14,8 @@ split over the batch axes of a device mesh when there is one) and returns the re
 in input order.
 
 Search settings default to the run's ``config.eval`` (Sec 6.1: beam 4, length penalty
-0.6, output limit input + 50).
+0.6, output limit input + 50; ``beam_rules='ctranslate2'`` decodes as CTranslate2 does,
+to check an export).
 """
 
 from __future__ import annotations
@@ -54,12 +55,13 @@ class Hypothesis(NamedTuple):
 
 @functools.lru_cache(maxsize=16)
 def compiled_search(graphdef, beam_size: int, alpha: float, max_extra_len: int,
-                     eos_id: int, bos_id: int, pad_id: int):
+                     eos_id: int, bos_id: int, pad_id: int, beam_rules: str = 'paper'):
   """One jitted search per model structure and settings, shared by every BatchSearch,
   so decoding again with new parameters (BLEU during training) does not recompile."""
   return jax.jit(functools.partial(
       search_lib.search_model, graphdef, beam_size=beam_size, alpha=alpha,
-      max_extra_len=max_extra_len, eos_id=eos_id, bos_id=bos_id, pad_id=pad_id),
+      max_extra_len=max_extra_len, eos_id=eos_id, bos_id=bos_id, pad_id=pad_id,
+      beam_rules=beam_rules),
       static_argnames='max_decode_len')
 
 
@@ -78,7 +80,8 @@ class BatchSearch:
 
   def __init__(self, model, *, beam_size: int = 4, alpha: float = 0.6,
                max_extra_len: int = 50, mesh: jax.sharding.Mesh | None = None,
-               rules: Sequence[tuple[str, Any]] | None = None):
+               rules: Sequence[tuple[str, Any]] | None = None,
+               beam_rules: str = 'paper'):
     from flax import nnx
     if beam_size < 1:
       raise ValueError(f'beam_size must be >= 1, got {beam_size}.')
@@ -87,13 +90,15 @@ class BatchSearch:
     self.model = model
     self.cfg = model.cfg
     self.beam_size, self.alpha, self.max_extra_len = beam_size, float(alpha), max_extra_len
+    self.beam_rules = search_lib.check_beam_rules(beam_rules)
     self.mesh, self.rules = mesh, tuple(rules or ())
     graphdef, self.state = nnx.split(model)
     if mesh is not None:
       self.state = jax.device_put(
           self.state, sharding.param_shardings(self.state, mesh, self.rules))
     self._search = compiled_search(graphdef, beam_size, self.alpha, int(max_extra_len),
-                                    search_lib.EOS_ID, self.cfg.bos_id, self.cfg.pad_id)
+                                    search_lib.EOS_ID, self.cfg.bos_id, self.cfg.pad_id,
+                                    self.beam_rules)
 
   @property
   def batch_multiple(self) -> int:
@@ -262,7 +267,8 @@ class Translator:
                    average_last: int | None = 1, *, beam_size: int | None = None,
                    alpha: float | None = None, max_extra_length: int | None = None,
                    batch_size: int | None = None, use_mesh: bool = True,
-                   mesh: jax.sharding.Mesh | None = None) -> Translator:
+                   mesh: jax.sharding.Mesh | None = None,
+                   beam_rules: str | None = None) -> Translator:
     """Restores a trained run for translation.
 
     Args:
@@ -270,8 +276,8 @@ class Translator:
       checkpoint_step: which checkpoint; None = the latest.
       average_last: the mean of the last K checkpoints up to ``checkpoint_step``
         (Sec 6.1: 5 base, 20 big).
-      beam_size, alpha, max_extra_length: default ``config.eval``'s; beam 1 is
-        greedy search.
+      beam_size, alpha, max_extra_length, beam_rules: default ``config.eval``'s;
+        beam 1 is greedy search.
       batch_size: sentences per batch; default ``config.data.eval_batch_size``.
       use_mesh: split batches over all devices when there are several.
       mesh: restore onto this mesh (e.g. training's, with its logical-axis rules)
@@ -292,14 +298,15 @@ class Translator:
     return cls.from_model(loaded.model, loaded.vocab, config, step=loaded.restored.step,
                           steps=loaded.restored.steps, beam_size=beam_size, alpha=alpha,
                           max_extra_length=max_extra_length, batch_size=batch_size,
-                          mesh=mesh)
+                          mesh=mesh, beam_rules=beam_rules)
 
   @classmethod
   def from_model(cls, model, tokenizer: tokenizer_lib.Tokenizer, config, *,
                  step: int | None = None, steps: list[int] | None = None,
                  beam_size: int | None = None, alpha: float | None = None,
                  max_extra_length: int | None = None, batch_size: int | None = None,
-                 mesh: jax.sharding.Mesh | None | str = 'params') -> Translator:
+                 mesh: jax.sharding.Mesh | None | str = 'params',
+                 beam_rules: str | None = None) -> Translator:
     """A Translator for a model in memory, settings from the run's ``config``.
 
     Args:
@@ -307,7 +314,8 @@ class Translator:
       tokenizer: its vocabulary.
       config: the run's ConfigDict (``eval``, ``data``, ``mesh`` groups).
       step, steps: recorded on the translator (evaluation results carry them).
-      beam_size, alpha, max_extra_length, batch_size: as in :meth:`from_workdir`.
+      beam_size, alpha, max_extra_length, batch_size, beam_rules: as in
+        :meth:`from_workdir`.
       mesh: split batches over this mesh; the default 'params' uses the mesh the
         model's parameters are sharded over (training's), if any.
     """
@@ -318,19 +326,23 @@ class Translator:
         model, beam_size=e.beam_size if beam_size is None else beam_size,
         alpha=e.length_penalty if alpha is None else alpha,
         max_extra_len=e.max_extra_length if max_extra_length is None else max_extra_length,
-        mesh=mesh, rules=sharding.rules_from_config(config.mesh) if mesh else None)
+        mesh=mesh, rules=sharding.rules_from_config(config.mesh) if mesh else None,
+        # Runs trained before the option existed have no eval.beam_rules.
+        beam_rules=e.get('beam_rules', 'paper') if beam_rules is None else beam_rules)
     return cls(model, tokenizer, search, batch_size=batch_size or data.eval_batch_size,
                buckets=tuple(data.bucket_lengths), config=config, step=step, steps=steps)
 
   def with_search(self, *, beam_size: int | None = None, alpha: float | None = None,
-                  max_extra_length: int | None = None) -> Translator:
+                  max_extra_length: int | None = None,
+                  beam_rules: str | None = None) -> Translator:
     """The same model and vocabulary with other search settings (None = keep)."""
     s = self.search
     search = BatchSearch(
         self.model, beam_size=s.beam_size if beam_size is None else beam_size,
         alpha=s.alpha if alpha is None else alpha,
         max_extra_len=s.max_extra_len if max_extra_length is None else max_extra_length,
-        mesh=s.mesh, rules=s.rules)
+        mesh=s.mesh, rules=s.rules,
+        beam_rules=s.beam_rules if beam_rules is None else beam_rules)
     return dataclasses.replace(self, search=search)
 
   @property
