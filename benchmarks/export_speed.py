@@ -2,13 +2,14 @@
 
   python benchmarks/export_speed.py --workdir=runs/multi30k \
       --source=../shared/data/multi30k/test2016.en.gz [--sentences=200] [--rounds=3]
-      [--batch_size=32]
+      [--batch_size=32] [--average_last=K] [--beam_rules=ctranslate2|paper]
 
 Exports the workdir to CTranslate2 (float32, int8; under /tmp), then translates the
-first ``--sentences`` lines with beam 4 (the workdir's config.eval: beam, alpha, limit
-source + 50) one sentence at a time (batch 1) and in batches, with each engine. Our
-searches are compiled first (every bucket shape); CTranslate2 warms up on the same
-text. The machine is shared, so the six configurations run interleaved for
+first ``--sentences`` lines with the workdir's config.eval search (beam, alpha, limit
+source + 50) one sentence at a time (batch 1) and in batches, with each engine. Ours
+runs CTranslate2's beam rules by default (the same algorithm; ``--beam_rules=paper``
+times Sec 6.1's). Our searches are compiled first (every bucket shape); CTranslate2
+warms up on the same text. The machine is shared, so the six configurations run interleaved for
 ``--rounds`` rounds and each figure is the fastest round (median beside it), with the
 CPU model and the load average. Target tokens are SentencePiece pieces of each
 engine's own output, plus eos.
@@ -39,6 +40,8 @@ def main():
   parser.add_argument('--sentences', type=int, default=200)
   parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--batch_size', type=int, default=32)
+  parser.add_argument('--average_last', type=int, default=1)
+  parser.add_argument('--beam_rules', default='ctranslate2', choices=('ctranslate2', 'paper'))
   parser.add_argument('--max_source_tokens', type=int, default=0,
                       help='Keep only sources of at most this many pieces (0 = all): '
                       'fewer bucket shapes for our search to compile on a busy machine.')
@@ -50,7 +53,8 @@ def main():
   with opener(args.source, 'rt', encoding='utf-8') as f:
     lines = [line.strip() for line in f]
   out = tempfile.mkdtemp(prefix='export-speed-')
-  ours = Translator.from_workdir(args.workdir, use_mesh=False)
+  ours = Translator.from_workdir(args.workdir, average_last=args.average_last,
+                                 use_mesh=False, beam_rules=args.beam_rules)
   e = ours.config.eval
   sp = spm.SentencePieceProcessor(model_file=ours.tokenizer.path)
   if args.max_source_tokens:
@@ -60,7 +64,8 @@ def main():
   threads = os.cpu_count()
   engines = {}
   for q in ('float32', 'int8'):
-    model_dir = export.to_ctranslate2(args.workdir, os.path.join(out, q), quantization=q)
+    model_dir = export.to_ctranslate2(args.workdir, os.path.join(out, q), quantization=q,
+                                      average_last=args.average_last)
     engines[q] = ctranslate2.Translator(model_dir, device='cpu', intra_threads=threads)
 
   def run_ours(batch_size):
@@ -83,7 +88,8 @@ def main():
   print(f'machine: {os.cpu_count()}-core CPU ({_cpu_model()}); CTranslate2 '
         f'{ctranslate2.__version__}, {threads} threads')
   print(f'{args.workdir}: {len(lines)} sentences, beam {e.beam_size}, alpha '
-        f'{e.length_penalty}; warming up (compiles), load average {_load()}')
+        f'{e.length_penalty}, ours under {args.beam_rules} rules; warming up (compiles), '
+        f'load average {_load()}')
   for fn, batch_size in configs.values():
     fn(batch_size)
   times = {name: [] for name in configs}

@@ -200,7 +200,8 @@ SHARED_FLAGS = ('--workdir', '--checkpoint_step', '--average_last')
 
 
 @pytest.mark.parametrize('command, own', [
-    ('translate', ('--beam_size', '--input', '--output', '--n_best', '--interactive')),
+    ('translate', ('--beam_size', '--beam_rules', '--input', '--output', '--n_best',
+                   '--interactive')),
     ('evaluate', ('--beam_size', '--split', '--source_file', '--output')),
     ('explore', ('--beam_size', '--text', '--output')),
     ('checkpoint', ('--output',)),

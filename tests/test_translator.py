@@ -118,6 +118,9 @@ def test_bad_requests_are_clear_errors(translator, copy_run, tmp_path):
     translator.translate('the cat runs')
   with pytest.raises(ValueError, match='beam_size must be >= 1'):
     translator.with_search(beam_size=0)
+  with pytest.raises(ValueError, match="beam_rules must be one of paper, ctranslate2; "
+                                       "got 'fairseq'"):
+    translator.with_search(beam_rules='fairseq')
 
 
 def test_bucket_length():
