@@ -484,10 +484,12 @@ def ctranslate2_translate(translator, sources: list[list[str]], *, beam_size: in
   """Best translations (pieces, no eos) of ``sources`` (pieces, no eos), in order.
 
   Sec 6.1's output limit is per sentence (source tokens with eos + ``max_extra_length``,
-  eos included, as ``decode.output_limits``) while CTranslate2 takes one limit per
-  call, so sentences are batched by equal source length. CTranslate2's length
-  penalty divides log P by |Y|^alpha (|Y| without eos), not GNMT's ((5 + |Y|) / 6)^alpha,
-  and it stops a sentence after ``beam_size`` finished hypotheses: README, Export.
+  eos included, as ``search.output_limits``) while CTranslate2 takes one limit per
+  call, so sentences are batched by equal source length. CTranslate2 scores and stops
+  by its own rules (log P / |Y|^alpha, not GNMT's ((5 + |Y|) / 6)^alpha; stop after
+  ``beam_size`` finished hypotheses): our search reproduces them under
+  ``beam_rules='ctranslate2'`` (``search.beam_search``), which assumes the defaults
+  pinned here (patience 1, ``min_decoding_length=1``).
   """
   by_length: dict[int, list[int]] = {}
   for i, source in enumerate(sources):
@@ -500,7 +502,8 @@ def ctranslate2_translate(translator, sources: list[list[str]], *, beam_size: in
       chunk = rows[start:start + batch_size]
       outputs = translator.translate_batch(
           [sources[i] for i in chunk], beam_size=beam_size, length_penalty=length_penalty,
-          max_decoding_length=length + 1 + max_extra_length, max_input_length=0)
+          max_decoding_length=length + 1 + max_extra_length, max_input_length=0,
+          min_decoding_length=1, patience=1)
       for i, output in zip(chunk, outputs):
         results[i] = output.hypotheses[0]
   return results
