@@ -3,7 +3,8 @@
   python benchmarks/verify_export.py --workdir=runs/multi30k \
       --source=../shared/data/multi30k/test2016.en.gz \
       --reference=../shared/data/multi30k/test2016.de.gz [--max_sentences=0] [--greedy] \
-      [--checkpoint_step=N] [--average_last=K] [--beam_sizes=4,5] [--output=DIR]
+      [--checkpoint_step=N] [--average_last=K] [--beam_sizes=4,5] [--output=DIR] \
+      [--paper] [--bucket=64]
 
 Exports the workdir to CTranslate2 (float32 and int8, under ``--output`` or /tmp),
 translates the source with our beam search under CTranslate2's rules
@@ -12,14 +13,16 @@ it stops) and with CTranslate2, same beam, alpha (the workdir's config.eval) and
 per-sentence limit (source + 50), and prints: the share of sentences with identical
 output, sacreBLEU of each, and each differing sentence with both outputs' scores
 log P / |Y|^alpha under the float32 export (teacher-forced), which tells a near-tie
-in the arithmetic from a search that went elsewhere. Our paper search (Sec 6.1's
-GNMT penalty and stopping) is printed beside it. ``--greedy`` also compares greedy
-search. Where torch and transformers are installed it exports to Hugging Face
+in the arithmetic from a search that went elsewhere. ``--paper`` also compares our
+paper search (Sec 6.1's GNMT penalty and stopping); ``--greedy`` greedy search.
+``--bucket=S`` pads every source to S pieces: one compilation per search instead of
+one per bucket length, for a busy machine. Where torch and transformers are installed it exports to Hugging Face
 MarianMT and prints the largest logit difference against our model on the first
 sentences (teacher-forced on our translations).
 """
 
 import argparse
+import dataclasses
 import gzip
 import os
 import platform
@@ -136,6 +139,12 @@ def main():
                       help='Comma-separated beam sizes (default config.eval.beam_size).')
   parser.add_argument('--output', default='',
                       help='Folder for the exports (default a new one under /tmp).')
+  parser.add_argument('--reuse', action='store_true',
+                      help='Keep exports already in --output (same checkpoints).')
+  parser.add_argument('--paper', action='store_true',
+                      help='Also compare our search under the paper rules.')
+  parser.add_argument('--bucket', type=int, default=0,
+                      help='Pad all sources to this length (0 = the config buckets).')
   parser.add_argument('--max_sentences', type=int, default=0, help='0 = all.')
   parser.add_argument('--greedy', action='store_true', help='Also compare greedy search.')
   parser.add_argument('--hf_sentences', type=int, default=8)
@@ -146,12 +155,18 @@ def main():
   lines = _read(args.source, args.max_sentences)
   references = _read(args.reference, args.max_sentences)
   out = args.output or tempfile.mkdtemp(prefix='verify-export-')
-  dirs = {q: export.to_ctranslate2(args.workdir, os.path.join(out, q), quantization=q,
-                                   step=args.checkpoint_step,
-                                   average_last=args.average_last, force=True)
-          for q in ('float32', 'int8')}
+  dirs = {}
+  for q in ('float32', 'int8'):
+    dirs[q] = os.path.join(out, q)
+    if args.reuse and os.path.exists(os.path.join(dirs[q], 'model.bin')):
+      print(f'reusing the export in {dirs[q]}')
+      continue
+    export.to_ctranslate2(args.workdir, dirs[q], quantization=q, step=args.checkpoint_step,
+                          average_last=args.average_last, force=True)
   translator = Translator.from_workdir(args.workdir, args.checkpoint_step,
                                        args.average_last, use_mesh=False)
+  if args.bucket:
+    translator = dataclasses.replace(translator, buckets=(args.bucket,))
   e = translator.config.eval
   steps = translator.steps or [translator.step]
   print(f'{args.workdir} step {translator.step} (mean of {len(steps)} checkpoints), '
@@ -161,22 +176,24 @@ def main():
   ours = None
   for beam in beams:
     ours = translator.with_search(beam_size=beam, beam_rules='ctranslate2').translate(lines)
-    paper = translator.with_search(beam_size=beam, beam_rules='paper').translate(lines)
     for q, model_dir in dirs.items():
       theirs = _ct2(model_dir, lines, beam, e.length_penalty, e.max_extra_length)
       _compare(f'beam {beam}, ctranslate2 {q} vs ours (ctranslate2 rules)', ours, theirs,
                references)
       if q == 'float32':
         _print_differences(model_dir, lines, ours, theirs, e.length_penalty)
-        _compare(f'beam {beam}, ctranslate2 {q} vs ours (paper rules)', paper, theirs,
-                 references)
+        if args.paper:
+          paper = translator.with_search(beam_size=beam, beam_rules='paper').translate(lines)
+          _compare(f'beam {beam}, ctranslate2 {q} vs ours (paper rules)', paper, theirs,
+                   references)
   if args.greedy:
     ours_greedy = translator.with_search(beam_size=1, beam_rules='ctranslate2').translate(
         lines)
     theirs = _ct2(dirs['float32'], lines, 1, 0.0, e.max_extra_length)
     _compare('greedy, ctranslate2 float32 vs ours', ours_greedy, theirs, references)
-  _huggingface_logits(args.workdir, os.path.join(out, 'hf'), lines, ours,
-                      args.hf_sentences)
+  if args.hf_sentences:
+    _huggingface_logits(args.workdir, os.path.join(out, 'hf'), lines, ours,
+                        args.hf_sentences)
 
 
 if __name__ == '__main__':
