@@ -231,7 +231,7 @@ def _explore_workdir(f: flags.FlagValues, workdir: Workdir):
         alpha=f.alpha, max_extra_length=f.max_extra_length, use_mesh=False,
         beam_rules=f.beam_rules)
     return explore_text(translator, f.text), translator.model, translator.step
-  search = [name for name in ('beam_size', 'alpha', 'max_extra_length')
+  search = [name for name in ('beam_size', 'alpha', 'max_extra_length', 'beam_rules')
             if f[name].present]
   if search:
     raise ValueError(f'--{search[0]} applies to translation models; {f.workdir} holds '
