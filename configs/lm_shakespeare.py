@@ -11,8 +11,10 @@ paper's decoder layers without cross-attention, learned positions, no dropout, t
 embeddings; sized for a 2-core CPU. Measured on the 2-core AMD EPYC with a 20-minute
 budget (``--config.train.max_minutes=20 --config.train.num_steps=100000``; niced jobs
 beside it): 5,151 steps, 10.5M characters, validation 1.639 nats per character on the
-whole split (1.559 on the first 32,768 characters it watches); the curve is in the
-README.
+whole split (1.559 on the first 32,768 characters it watches). With
+``--config.train.num_steps=6000 --config.optim.decay=cosine
+--config.optim.final_lr_fraction=0.05`` on the idle machine: 1.550 on the whole split
+after 19 minutes. The curves are in the README.
 """
 
 from configs import default
