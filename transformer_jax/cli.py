@@ -30,6 +30,7 @@ import logging as pylogging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from absl import app, flags, logging
 
@@ -127,18 +128,15 @@ def run(main: Callable[[flags.FlagValues], None], name: str) -> None:
   with one line ``name: message`` and exit status 1 instead of a traceback (which
   --verbosity shows)."""
 
+  def exit_with(message: str) -> NoReturn:
+    print(f'{name}: {message}', file=sys.stderr)
+    sys.exit(1)
+
   def wrapped(argv: Sequence[str]) -> None:
     if len(argv) > 1:
       raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     quiet_libraries()
-    try:
-      main(FLAGS)
-    except Exception as e:  # pylint: disable=broad-except
-      message = one_line(e)
-      if message is None or _show_traceback():
-        raise
-      print(f'{name}: {message}', file=sys.stderr)
-      sys.exit(1)
+    _exit_on_expected_failure(lambda: main(FLAGS), exit_with)
 
   app.run(wrapped)
 
@@ -150,19 +148,30 @@ def run_training(main: Callable[[Sequence[str]], None], name: str, **kwargs) -> 
   writer threads would each print a traceback while it tears down.
   """
 
+  def exit_with(message: str) -> NoReturn:
+    sys.stdout.flush()
+    print(f'{name}: error: {message}', file=sys.stderr, flush=True)
+    logging.flush()
+    os._exit(1)
+
   def wrapped(argv: Sequence[str]) -> None:
-    try:
-      main(argv)
-    except Exception as e:  # pylint: disable=broad-except
-      message = one_line(e)
-      if message is None or _show_traceback():
-        raise
-      sys.stdout.flush()
-      print(f'{name}: error: {message}', file=sys.stderr, flush=True)
-      logging.flush()
-      os._exit(1)
+    _exit_on_expected_failure(lambda: main(argv), exit_with)
 
   app.run(wrapped, **kwargs)
+
+
+def _exit_on_expected_failure(call: Callable[[], None],
+                              exit_with: Callable[[str], NoReturn]) -> None:
+  """Runs ``call``; an expected failure (:func:`one_line`) ends in
+  ``exit_with(its one-line message)``, anything else, or any failure while a
+  traceback is asked for (:func:`_show_traceback`), propagates."""
+  try:
+    call()
+  except Exception as e:  # pylint: disable=broad-except
+    message = one_line(e)
+    if message is None or _show_traceback():
+      raise
+    exit_with(message)
 
 
 def one_line(e: BaseException) -> str | None:
