@@ -81,6 +81,22 @@ def _train_copy_model(model, tokenizer, rng, steps):
   return float(loss)
 
 
+def _save_params(ckpt, step, model, vocab):
+  """Saves ``model``'s parameters as checkpoint ``step`` with the metadata training
+  writes (the vocabulary's fingerprint and size, the parameter shapes) and a fresh
+  optimiser count; returns the parameters as numpy arrays."""
+  import jax
+  import numpy as np
+  from flax import nnx
+  from transformer_jax.run import checkpoint as checkpoint_lib
+  params = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+  meta = {'vocab_fingerprint': vocab.fingerprint()['sha256'],
+          'vocab_size': vocab.vocab_size,
+          'param_shapes': checkpoint_lib.param_shapes(params)}
+  ckpt.save(step, params, {'count': np.zeros((), np.int32)}, {}, meta, force=True)
+  return params
+
+
 @pytest.fixture(scope='session')
 def copy_run(tmp_path_factory):
   """A workdir (config.json, vocab/spm.model, checkpoints at steps 250 and 500) of a
@@ -93,10 +109,7 @@ def copy_run(tmp_path_factory):
   """
   import random
   import types
-  import jax
-  import numpy as np
   from flax import nnx
-  from transformer_jax.run import checkpoint as checkpoint_lib
   from transformer_jax import model as model_lib
   from transformer_jax.data import tokenizer as tokenizer_lib
   from transformer_jax.run.workdir import Workdir
@@ -113,12 +126,7 @@ def copy_run(tmp_path_factory):
   saved = {}
   for step, steps in ((250, 250), (500, 250)):
     loss = _train_copy_model(model, tokenizer, rng, steps)
-    params = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
-    meta = {'vocab_fingerprint': tokenizer.fingerprint()['sha256'],
-            'vocab_size': tokenizer.vocab_size,
-            'param_shapes': checkpoint_lib.param_shapes(params)}
-    ckpt.save(step, params, {'count': np.zeros((), np.int32)}, {}, meta, force=True)
-    saved[step] = params
+    saved[step] = _save_params(ckpt, step, model, tokenizer)
   workdir.close()
   assert loss < 0.1, loss  # It has learned to copy.
   return types.SimpleNamespace(path=path, params=saved, config=config)
@@ -130,25 +138,17 @@ def copy_run(tmp_path_factory):
 
 def _save_random_run(path, config, vocab, steps=(3, 6)):
   """config.json and checkpoints of ``config``'s model (one random init per step)."""
-  import jax
-  import numpy as np
   from flax import nnx
   from transformer_jax import model as model_lib
   from transformer_jax.model import families
-  from transformer_jax.run import checkpoint as checkpoint_lib
   from transformer_jax.run.workdir import Workdir
   workdir = Workdir.create(path, config)
   cfg = model_lib.TransformerConfig.from_config(config.model, vocab.vocab_size)
   ckpt = workdir.checkpointer(read_only=False)
   saved = {}
   for seed, step in enumerate(steps):
-    params = jax.tree.map(np.asarray, nnx.state(
-        families.build_model(cfg, rngs=nnx.Rngs(seed)), nnx.Param))
-    meta = {'vocab_fingerprint': vocab.fingerprint()['sha256'],
-            'vocab_size': vocab.vocab_size,
-            'param_shapes': checkpoint_lib.param_shapes(params)}
-    ckpt.save(step, params, {'count': np.zeros((), np.int32)}, {}, meta, force=True)
-    saved[step] = params
+    saved[step] = _save_params(ckpt, step, families.build_model(cfg, rngs=nnx.Rngs(seed)),
+                               vocab)
   workdir.close()
   return saved
 
