@@ -10,6 +10,7 @@ if '--xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', '
                              ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -25,6 +26,20 @@ def shared_data() -> pathlib.Path:
     pytest.skip(f'shared corpora not found at {SHARED_DATA} '
                 '(set TRANSFORMER_JAX_DATA to their folder)')
   return SHARED_DATA
+
+
+# ----------------------------------------------------------------------------
+# Example source and target rows of the model tests (test_model, test_model_variants,
+# test_decode): eos = 1 ends each sentence, pad = 0 after it; the rows' lengths
+# differ, and the last source row has no padding.
+
+SRC = np.array([[5, 6, 7, 8, 1, 0, 0],
+                [9, 10, 11, 1, 0, 0, 0],
+                [12, 13, 14, 15, 16, 17, 1]], np.int32)
+TGT = np.array([[20, 21, 22, 1, 0, 0],
+                [23, 24, 25, 26, 27, 1],
+                [28, 1, 0, 0, 0, 0]], np.int32)
+SRC.flags.writeable = TGT.flags.writeable = False  # Shared: no test may change them.
 
 
 # ----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import SRC, TGT
 from transformer_jax.inference import search
 from transformer_jax.inference.translator import BatchSearch
 
@@ -311,21 +312,13 @@ def test_first_argmax_equals_argmax_with_ties():
 # ----------------------------------------------------------------------------
 # The beams' cache bookkeeping (BeamCache): the model knows nothing about beams.
 
-_SRC = np.array([[5, 6, 7, 8, 1, 0, 0],
-                 [9, 10, 11, 1, 0, 0, 0],
-                 [12, 13, 14, 15, 16, 17, 1]], np.int32)
-_TGT = np.array([[20, 21, 22, 1, 0, 0],
-                 [23, 24, 25, 26, 27, 1],
-                 [28, 1, 0, 0, 0, 0]], np.int32)
-
-
 def _beam_prefixes(beams):
   """Decoder inputs [B * K, T] for K beams per source: beam k's tokens are the
   target's plus 3k (padding stays), so that the beams' prefixes all differ."""
   from transformer_jax import model as model_lib
-  tgt_in = np.asarray(model_lib.shift_right(jnp.asarray(_TGT)))
+  tgt_in = np.asarray(model_lib.shift_right(jnp.asarray(TGT)))
   rows = np.repeat(tgt_in, beams, axis=0)
-  shift = 3 * np.tile(np.arange(beams), len(_TGT))[:, None]
+  shift = 3 * np.tile(np.arange(beams), len(TGT))[:, None]
   rows[:, 1:] = np.where(rows[:, 1:] != 0, rows[:, 1:] + shift, 0)
   return rows
 
@@ -343,26 +336,26 @@ def test_beams_share_a_cache_row_and_reordered_beams_continue_their_parents(posi
       num_heads=4, d_ff=48, dropout_rate=0.0, max_len=32, positions=positions)
   model, beams = model_lib.Transformer(cfg, rngs=nnx.Rngs(0)), 3
   rows_in = _beam_prefixes(beams)
-  encoded = model.encode(_SRC)
-  cache = search.init_beam_cache(model, encoded, _SRC, beams, 5)
-  assert cache.model['layers'][0]['cross']['key'].shape[0] == len(_SRC)
+  encoded = model.encode(SRC)
+  cache = search.init_beam_cache(model, encoded, SRC, beams, 5)
+  assert cache.model['layers'][0]['cross']['key'].shape[0] == len(SRC)
   assert cache.model['layers'][0]['self']['key'].shape[-1] == 5 * beams
-  expected = model(np.repeat(_SRC, beams, axis=0), jnp.asarray(rows_in))
+  expected = model(np.repeat(SRC, beams, axis=0), jnp.asarray(rows_in))
   parents = np.array([[2, 0, 0], [1, 2, 1], [0, 1, 2]])
   step = functools.partial(search.beam_step, model)
   for t in range(4):
     if t == 2:  # Beam k of source b continues beam parents[b, k].
       cache = search.reorder_beams(cache, jnp.asarray(parents))
-      flat = (np.arange(len(_SRC))[:, None] * beams + parents).reshape(-1)
+      flat = (np.arange(len(SRC))[:, None] * beams + parents).reshape(-1)
       rows_in[:, :2] = rows_in[flat, :2]
-      expected = model(np.repeat(_SRC, beams, axis=0), jnp.asarray(rows_in))
+      expected = model(np.repeat(SRC, beams, axis=0), jnp.asarray(rows_in))
     logits, cache = step(jnp.asarray(rows_in[:, t]), cache)
     rows = rows_in[:, t] != 0
     np.testing.assert_allclose(logits[rows], expected[rows, t], atol=2e-5,
                                err_msg=f't={t}')
   assert rows.sum() >= 6
   # Without the reordering the same inputs give other logits.
-  unordered = model(np.repeat(_SRC, beams, axis=0), jnp.asarray(_beam_prefixes(beams)))
+  unordered = model(np.repeat(SRC, beams, axis=0), jnp.asarray(_beam_prefixes(beams)))
   assert np.abs(np.asarray(logits[rows]) - np.asarray(unordered[rows, 3])).max() > 1e-3
   with pytest.raises(ValueError, match=r'token must be \[3 sentences x 3 beams\]'):
-    step(jnp.zeros((len(_SRC),), jnp.int32), cache)
+    step(jnp.zeros((len(SRC),), jnp.int32), cache)

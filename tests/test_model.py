@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from configs import default
+from conftest import SRC, TGT
 from transformer_jax import model as model_lib
 from transformer_jax import sharding
 from transformer_jax.model import attention as attention_lib
@@ -17,15 +18,6 @@ from transformer_jax.model import attention as attention_lib
 TINY = model_lib.TransformerConfig(
     vocab_size=50, num_encoder_layers=2, num_decoder_layers=2, d_model=32,
     num_heads=4, d_ff=64, dropout_rate=0.1, max_len=32)
-
-# Source and target rows: eos = 1 ends each sentence, pad = 0 after it.
-SRC = np.array([[5, 6, 7, 8, 1, 0, 0],
-                [9, 10, 11, 1, 0, 0, 0],
-                [12, 13, 14, 15, 16, 17, 1]], np.int32)
-TGT = np.array([[20, 21, 22, 1, 0, 0],
-                [23, 24, 25, 26, 27, 1],
-                [28, 1, 0, 0, 0, 0]], np.int32)
-
 
 def build(cfg=TINY, seed=0, **overrides):
   cfg = dataclasses.replace(cfg, **overrides)

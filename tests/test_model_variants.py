@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 
 from configs import default
+from conftest import SRC, TGT
 from transformer_jax import model as model_lib
 from transformer_jax import sharding
 
@@ -35,14 +36,6 @@ VARIANTS = {
     'modern': dict(layer_norm='pre', norm='rmsnorm', feed_forward='swiglu',
                    positions='rope'),
 }
-
-SRC = np.array([[5, 6, 7, 8, 1, 0, 0],
-                [9, 10, 11, 1, 0, 0, 0],
-                [12, 13, 14, 15, 16, 17, 1]], np.int32)
-TGT = np.array([[20, 21, 22, 1, 0, 0],
-                [23, 24, 25, 26, 27, 1],
-                [28, 1, 0, 0, 0, 0]], np.int32)
-
 
 def build(seed=0, **overrides):
   cfg = dataclasses.replace(BASE, **overrides)
