@@ -219,6 +219,48 @@ def test_beam_decoding_with_stacked_caches_equals_unscanned():
   _assert_close(outputs[1][1], outputs[0][1])
 
 
+def test_default_beam_reorder_gathers_stacked_caches_on_their_batch_axis():
+  """beam_search's default reorder (a gather of cache rows, one row per beam) on a
+  scanned model's own cache: told the cache's batch axes, it gathers the stacked
+  layer caches [N, B * K, ...] on axis 1 and finds what ``search_model`` (which
+  reorders only the beams' ancestry, ``BeamCache``) finds with the unscanned model."""
+  from transformer_jax.inference import search
+  plain, scanned = _pair(model_lib.Transformer)
+  src, beams, settings = jnp.asarray(SRC), 3, dict(alpha=0.6, max_extra_len=3,
+                                                   max_decode_len=8)
+
+  def search_rows(graphdef, state, reorder=True, axes=None):
+    model = nnx.merge(graphdef, state)
+    rows = jnp.repeat(src, beams, axis=0)  # [B * K, S]: each beam its own row.
+
+    def step(token, cache):
+      logits, model_cache = model.decode_step(token[:, None], cache['model'],
+                                              index=cache['index'])
+      return logits[:, 0], {'index': cache['index'] + 1, 'model': model_cache}
+
+    cache = {'index': jnp.zeros((), jnp.int32),
+             'model': model.init_cache(model.encode(rows), rows, settings['max_decode_len'])}
+    return search.beam_search(
+        step, cache, jnp.sum(src != 0, axis=1), beam_size=beams,
+        cache_batch_axes=(axes if axes is not None else
+                          {'index': 0, 'model': model.cache_batch_axes()}),
+        reorder_fn=None if reorder else lambda cache, parents: cache, **settings)
+
+  assert scanned.cache_batch_axes() == {'layers': 1, 'positions': 0, 'src_valid': 0}
+  want = jax.jit(functools.partial(search.search_model, beam_size=beams, **settings))(
+      *nnx.split(plain), src)
+  tokens, scores = jax.jit(search_rows)(*nnx.split(scanned))
+  np.testing.assert_array_equal(tokens, want[0])
+  _assert_close(scores, want[1])
+  with pytest.raises(ValueError, match=r"cache\['model'\]\['layers'\]\['cross'\]\['key'\] "
+                     r'\(3, 6, 4, 8, 7\) does not have the 6 rows .* on axis 0'):
+    jax.jit(functools.partial(search_rows, axes=0))(*nnx.split(scanned))
+  # The beams change parents here: without the reorder their log P would differ.
+  _, unordered = jax.jit(functools.partial(search_rows, reorder=False))(
+      *nnx.split(scanned))
+  assert np.abs(np.asarray(unordered) - np.asarray(want[1])).max() > 1e-2
+
+
 def test_language_model_cached_decoding_scanned_equals_unscanned():
   plain, scanned = _pair(LanguageModel, family='decoder_only', positions='rope')
   results = []

@@ -7,8 +7,10 @@ The searches are pure functions of arrays. They see the model only through
 
 where R is the number of rows being decoded (B for greedy search, B * K for beam
 search, beams of one sentence adjacent) and ``cache`` is any pytree of arrays. By
-default beam search reorders a cache whose leaves all have the rows as leading axis
-by gathering rows; with the Transformer (:func:`search_model`) the cache is a
+default beam search reorders the cache by gathering rows along each leaf's batch
+axis (the leading one unless ``cache_batch_axes`` names another: a scanned model's
+layer caches are [N, R, ...], ``Transformer.cache_batch_axes``); with the
+Transformer (:func:`search_model`) the cache is a
 :class:`BeamCache`, which keeps keys and values in place and reorders only each
 beam's ancestry (:func:`reorder_beams`). The model knows nothing about beams: its
 ``decode_step`` writes and attends to cache entries under the mask it is given.
@@ -156,12 +158,36 @@ def beam_candidates(logits: jax.Array, alive_logp: jax.Array,
   return values, (block // per_row) * vocab + token
 
 
-def gather_cache_rows(cache: Cache, rows: jax.Array) -> Cache:
-  """Picks ``rows`` [R'] of every batch-major cache leaf; scalars (the index) stay."""
-  return jax.tree.map(
-      # The rows are in range by construction: skip the bounds-check select.
-      lambda x: x if jnp.ndim(x) == 0 else x.at[rows].get(mode='promise_in_bounds'),
-      cache)
+def gather_cache_rows(cache: Cache, rows: jax.Array, batch_axes: Any = 0) -> Cache:
+  """Picks ``rows`` [R'] of every cache leaf along its batch axis; scalars (the
+  index) stay.
+
+  Args:
+    cache: a pytree of arrays.
+    rows: [R'] int indices into the batch axis, in range.
+    batch_axes: each leaf's batch axis: one int for all, or a pytree prefix of
+      ``cache`` as ``jax.vmap``'s ``in_axes`` (``Transformer.cache_batch_axes()``).
+  """
+  def gather(x, axis):
+    if jnp.ndim(x) == 0:
+      return x
+    # The rows are in range by construction: skip the bounds-check select.
+    return x.at[(slice(None),) * axis + (rows,)].get(mode='promise_in_bounds')
+
+  return jax.tree.map(gather, cache, jax.tree.broadcast(batch_axes, cache))
+
+
+def _check_cache_rows(cache: Cache, batch_axes: Any, rows: int) -> None:
+  """A ValueError naming the first cache leaf (scalars aside) without ``rows`` rows
+  on its batch axis: what gathering a scanned model's [N, R, ...] layer caches on
+  axis 0 would otherwise turn into a while_loop type error."""
+  axes = jax.tree.leaves(jax.tree.broadcast(batch_axes, cache))
+  for (path, x), axis in zip(jax.tree_util.tree_leaves_with_path(cache), axes):
+    if jnp.ndim(x) and (axis >= jnp.ndim(x) or jnp.shape(x)[axis] != rows):
+      raise ValueError(
+          f'cache{jax.tree_util.keystr(path)} {jnp.shape(x)} does not have the '
+          f'{rows} rows (sentences x beams) on axis {axis}; give beam_search the '
+          'cache_batch_axes (a model\'s cache: Transformer.cache_batch_axes()).')
 
 
 class _GreedyState(NamedTuple):
@@ -242,7 +268,7 @@ def beam_search(step_fn: StepFn, cache: Cache, src_lengths: jax.Array, *,
                 beam_size: int = 4, alpha: float = 0.6, max_decode_len: int,
                 max_extra_len: int = 50, eos_id: int = EOS_ID,
                 bos_id: int = BOS_ID, pad_id: int = PAD_ID,
-                reorder_fn: ReorderFn | None = None,
+                reorder_fn: ReorderFn | None = None, cache_batch_axes: Any = 0,
                 beam_rules: str = 'paper') -> tuple[jax.Array, jax.Array]:
   """Beam search with the GNMT length penalty and early stopping (Sec 6.1).
 
@@ -275,8 +301,12 @@ def beam_search(step_fn: StepFn, cache: Cache, src_lengths: jax.Array, *,
     max_extra_len: a sentence stops after ``src_length + max_extra_len`` tokens.
     eos_id, bos_id, pad_id: special token ids.
     reorder_fn: ``(cache, parents [B, K]) -> cache`` for the next step, where new
-      beam k of sentence b continues old beam ``parents[b, k]``; by default every
-      leaf but scalars is a [B * K, ...] array whose rows are gathered.
+      beam k of sentence b continues old beam ``parents[b, k]``; by default the
+      B * K rows of every leaf but scalars are gathered along its batch axis.
+    cache_batch_axes: the default reorder's batch axis of each cache leaf: one int
+      for all, or a pytree prefix of ``cache`` (``Transformer.cache_batch_axes()``
+      for a model's cache, whose layer caches are [N, B * K, ...] under
+      ``scan_layers``). Unused with ``reorder_fn``.
     beam_rules: one of :data:`BEAM_RULES`.
 
   Returns:
@@ -291,9 +321,10 @@ def beam_search(step_fn: StepFn, cache: Cache, src_lengths: jax.Array, *,
   limits = output_limits(src_lengths, max_extra_len, max_decode_len)
   max_penalty = length_penalty(limits, alpha)  # [B]
   if reorder_fn is None:
+    _check_cache_rows(cache, cache_batch_axes, batch * k)
     rows = jnp.arange(batch)[:, None] * k  # [B, 1] first cache row of each sentence
     reorder_fn = lambda cache, parents: gather_cache_rows(
-        cache, (rows + parents).reshape(-1))
+        cache, (rows + parents).reshape(-1), cache_batch_axes)
 
   def cond(s: _BeamState):
     return (s.i < max_decode_len) & ~jnp.all(s.done)

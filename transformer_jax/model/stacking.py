@@ -16,6 +16,7 @@ decoder, and so the language model's and the classifier's stacks too):
                                         layer's decode cache when there is one
   init_caches(layers, cfg, make)        the layers' empty caches: a list of dicts,
                                         or one dict of [N, ...] arrays scanned
+  cache_batch_axis(cfg)                 where the batch axis of those caches is
   stack_params / unstack_params         convert an nnx.State between the layouts
 
 Checkpoints hold the layout they were trained with: ``'encoder/layers/3/...'``
@@ -163,6 +164,12 @@ def init_caches(layers: nnx.Module, cfg, make: Callable[[nnx.Module], Any]) -> A
   if not cfg.scan_layers:
     return [make(layer) for layer in layers]
   return nnx.vmap(make, in_axes=0, out_axes=0, transform_metadata=_SCAN_METADATA)(layers)
+
+
+def cache_batch_axis(cfg) -> int:
+  """The batch axis of every array in :func:`init_caches`' caches: 0 in the
+  per-layer dicts, 1 behind the stacked [N] axis when scanned."""
+  return 1 if cfg.scan_layers else 0
 
 
 # ----------------------------------------------------------------------------

@@ -176,7 +176,8 @@ class Decoder(_Stack):
       'cross': {'key': [B, N, H, S], 'value': [B, N, S, H]}}], 'positions': [B, E]
       int32 (each entry's position, for ALiBi), 'src_valid': [B, S] bool}, 'cross'
       and 'src_valid' only with cross-attention; heads-major for
-      ``layers.cached_attention``.
+      ``layers.cached_attention``. Under ``scan_layers`` 'layers' is one such
+      dict of arrays with a leading [N_layers] axis (see ``cache_batch_axes``).
     """
     if length < 1:
       raise ValueError(f'A decode cache needs at least one entry per row, got {length}.')
@@ -195,6 +196,14 @@ class Decoder(_Stack):
     if cross:
       cache['src_valid'] = src != self.cfg.pad_id
     return cache
+
+  def cache_batch_axes(self) -> dict[str, int]:
+    """The batch axis of each part of ``init_cache``'s cache, a pytree prefix of
+    it (as ``jax.vmap``'s ``in_axes``): what reordering its rows needs to know."""
+    axes = {'layers': stacking.cache_batch_axis(self.cfg), 'positions': 0}
+    if self.has_cross_attention:
+      axes['src_valid'] = 0
+    return axes
 
   def __call__(self, encoded: Array | None, src: Array | None, tgt_in: Array, *,
                src_segments: Array | None = None, tgt_segments: Array | None = None,
@@ -364,6 +373,11 @@ class Transformer(nnx.Module):
     """
     self._check_inputs(src=src)
     return self.decoder.init_cache(src.shape[0], length, encoded, src)
+
+  def cache_batch_axes(self) -> dict[str, int]:
+    """The batch axis of each part of ``init_cache``'s cache (a pytree prefix of it):
+    ``inference.search.beam_search``'s ``cache_batch_axes``."""
+    return self.decoder.cache_batch_axes()
 
   def output_kernel(self) -> Array:
     """[D, V]: the pre-softmax weights for ``decode_step`` (see Decoder.output_kernel)."""
