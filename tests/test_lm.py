@@ -225,6 +225,9 @@ def _run_config(shared_data, num_steps):
   t = config.train
   t.num_steps, t.log_every_steps, t.eval_every_steps, t.eval_max_batches = (
       num_steps, 1, 4, 1)
+  # The interrupted run stops at num_steps=2 and resumes with 4: its schedule must not
+  # depend on num_steps, as the config's cosine decay does.
+  config.optim.decay = 'inverse_sqrt'
   config.checkpoint.every_steps, config.checkpoint.every_minutes = 2, 0.0
   config.checkpoint.async_save = False
   return config
