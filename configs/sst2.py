@@ -1,24 +1,27 @@
 """Sentence classification on GLUE SST-2 (encoder-only family), optionally after
 masked-LM pre-training on the training sentences.
 
-From scratch:
+From scratch (2,000 steps, ~1.9 epochs):
 
   .venv/bin/python -m transformer_jax.main --config=configs/sst2.py --workdir=runs/sst2
 
-Masked-LM pre-training (BERT's 15% with 80/10/10), then fine-tuning from it:
+Masked-LM pre-training (BERT's 15% with 80/10/10; at most 12 minutes), then
+fine-tuning from it (``:finetune``: 500 steps at a lower peak learning rate):
 
   .venv/bin/python -m transformer_jax.main --config=configs/sst2.py:mlm \
       --workdir=runs/sst2_mlm
-  .venv/bin/python -m transformer_jax.main --config=configs/sst2.py \
+  .venv/bin/python -m transformer_jax.main --config=configs/sst2.py:finetune \
       --config.train.init_from=runs/sst2_mlm --workdir=runs/sst2_finetuned
   echo "a gorgeous , witty , seductive movie ." | \
       .venv/bin/python -m transformer_jax.classify --workdir=runs/sst2
 
-67,349 training and 872 dev sentences (GLUE's split), a shared 8k SentencePiece
-vocabulary (+ [MASK]), a small pre-LN encoder with [CLS] pooling. Measured on the
-2-core AMD EPYC with 10-minute budgets (README): 79.2% dev accuracy from scratch with
-dropout 0.3 (best 80.0% during the run), 79.6% fine-tuned after 10 minutes of
-masked-LM pre-training (best 80.2%), short of the 82% target.
+67,349 training and 872 dev sentences (GLUE's split); a word-level SentencePiece
+vocabulary of the 9,999 commonest training words (+ [MASK]); a small pre-LN encoder
+read by the masked mean of its outputs. The training phrases are pieces of ~8.5k
+sentences, so a model this size memorises them within two epochs: heavy dropout (0.5
+on sub-layers and embeddings, 0.1 on attention), label smoothing and a cosine decay
+over a short run are what keep dev accuracy up. Settings were chosen on the dev set
+(GLUE's test labels are not public); the runs are in the README.
 """
 
 from configs import default
@@ -33,20 +36,21 @@ def get_config(arg=None):
   m.d_model = 192
   m.num_heads = 6
   m.d_ff = 768
-  m.dropout_rate = 0.1
+  m.dropout_rate = 0.5
+  m.attention_dropout_rate = 0.1
   m.layer_norm = 'pre'
   m.positions = 'learned'
   m.max_len = 64
   m.num_classes = 2
-  m.pooling = 'cls'  # The [CLS] (bos) token in front of every sentence.
+  m.pooling = 'mean'  # Over the non-padding positions, [CLS] (bos) included.
 
   d = config.data
   d.source = 'labelled_tsv'
   d.data_dir = '../shared/data/sst2'  # Relative to the cwd.
   d.train_file = 'train.tsv.gz'
   d.eval_file = 'dev.tsv.gz'
-  d.vocab_size = 8000  # The model's ids: 7,999 SentencePiece pieces + [MASK].
-  d.vocab_model_type = 'unigram'
+  d.vocab_size = 10_000  # The model's ids: 9,999 SentencePiece words + [MASK].
+  d.vocab_model_type = 'word'  # Of ~14.8k distinct training words; the rest are <unk>.
   d.vocab_train_sentences = 67_349
   d.max_length = 64  # [CLS] + pieces; the longest dev sentence needs ~60.
   d.bucket_lengths = (16, 32, 48)
@@ -56,14 +60,16 @@ def get_config(arg=None):
   d.label_names = ('negative', 'positive')  # GLUE SST-2: label 0, label 1.
 
   o = config.optim
-  # Peak 0.5 * 192^-0.5 * 300^-0.5 = 2.1e-3, then the paper's 1/sqrt decay.
+  # Peak 0.5 * 192^-0.5 * 300^-0.5 = 2.1e-3, then a cosine decay to 5% of it.
   o.warmup_steps = 300
   o.learning_rate_scale = 0.5
-  o.label_smoothing = 0.0
+  o.decay = 'cosine'
+  o.final_lr_fraction = 0.05
+  o.label_smoothing = 0.1
   o.clip_grad_norm = 1.0
 
   t = config.train
-  t.num_steps = 3000
+  t.num_steps = 2000  # ~1.9 epochs; dev accuracy falls with longer runs.
   t.log_every_steps = 50
   t.eval_every_steps = 200  # Dev loss and accuracy.
   t.bleu_every_steps = -1
@@ -76,7 +82,16 @@ def get_config(arg=None):
   if arg == 'mlm':
     t.task = 'mlm'
     d.batch_size = 128
-    o.learning_rate_scale = 0.5
+    m.dropout_rate, m.attention_dropout_rate = 0.1, 0.0  # BERT's pre-training dropout.
+    o.label_smoothing = 0.0
+    t.num_steps = 4500  # Where the cosine ends; max_minutes usually ends the run first.
+    t.max_minutes = 12.0  # Leaves the fine-tuning room in a 20-minute budget.
+  elif arg == 'finetune':  # Needs --config.train.init_from=<the :mlm run>.
+    # Peak 0.28 * 192^-0.5 * 100^-0.5 = 2e-3, decayed over 500 steps (~half an epoch).
+    o.warmup_steps = 100
+    o.learning_rate_scale = 0.28
+    t.num_steps = 500
+    t.eval_every_steps = 100
   elif arg:
-    raise ValueError(f'configs/sst2.py takes no argument or "mlm", got {arg!r}.')
+    raise ValueError(f'configs/sst2.py takes no argument, "mlm" or "finetune", got {arg!r}.')
   return config

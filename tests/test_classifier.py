@@ -103,11 +103,21 @@ def test_classification_loss_on_a_known_example():
   batch = {'inputs': jnp.zeros((3, 4), jnp.int32),
            'labels': jnp.asarray([[1], [0], [-1]], jnp.int32)}
   config = sst2.get_config()
+  config.optim.label_smoothing = 0.0
   loss, sums = tasks.ClassificationTask().loss(_FixedLogits(logits), batch, config,
                                                train=False)
-  np.testing.assert_allclose(float(loss), (math.log(4 / 3) + math.log(2)) / 2, rtol=1e-6)
+  nll = (math.log(4 / 3) + math.log(2)) / 2
+  np.testing.assert_allclose(float(loss), nll, rtol=1e-6)
   metrics = tasks.summarize(jax.device_get(sums))
   assert metrics['tokens'] == 2 and metrics['accuracy'] == 1.0
+  # Smoothing 0.1 over 2 classes: row 0's targets are (0.05, 0.95); row 1 stays ln 2.
+  # The loss is smoothed, the reported nll is not.
+  config.optim.label_smoothing = 0.1
+  loss, sums = tasks.ClassificationTask().loss(_FixedLogits(logits), batch, config,
+                                               train=False)
+  row0 = 0.05 * math.log(4) + 0.95 * math.log(4 / 3)
+  np.testing.assert_allclose(float(loss), (row0 + math.log(2)) / 2, rtol=1e-6)
+  np.testing.assert_allclose(float(sums['nll_sum']), 2 * nll, rtol=1e-6)
 
 
 def test_masked_lm_loss_on_a_known_example():
