@@ -4,7 +4,9 @@
   parameters and optimizer state of one device.
 * Every parameter's logical names match the rules and give the expected spec.
 * A run stopped by SIGTERM after k steps and resumed equals an uninterrupted run
-  (loss at every step, final parameters), through ``train_and_evaluate`` on real text.
+  (loss at every step, final parameters), through ``train_and_evaluate`` on real text;
+  a SIGTERM during a step stops the run at the next step, and a second one during
+  the stop's save does not end the process before the save is complete.
 """
 
 import json
@@ -12,10 +14,12 @@ import os
 import re
 import shutil
 import signal
+import time
 
 import jax
 import numpy as np
 import pytest
+from jax.experimental import io_callback
 from jax.sharding import PartitionSpec as P
 
 from configs import tiny
@@ -223,52 +227,71 @@ def _text_config(shared_data, **train_overrides):
   return config
 
 
-class _SigtermAfter:
-  """Wraps the training iterator; sends this process SIGTERM on batch ``k``."""
-
-  def __init__(self, inner, k):
-    self.inner, self.k, self.taken = inner, k, 0
-
-  def __next__(self):
-    self.taken += 1
-    if self.taken == self.k:
-      os.kill(os.getpid(), signal.SIGTERM)
-    return next(self.inner)
-
-  def get_state(self):
-    return self.inner.get_state()
-
-  def set_state(self, state):
-    self.inner.set_state(state)
+def _sigterm_while_step_2_runs(x):
+  time.sleep(1.0)  # A slow device: the loop could dispatch many steps ahead meanwhile.
+  os.kill(os.getpid(), signal.SIGTERM)
+  return x
 
 
 @pytest.fixture(scope='session')
 def runs(shared_data, tmp_path_factory):
-  """An uninterrupted 6-step run, and one stopped by SIGTERM at 3 then resumed."""
+  """An uninterrupted 6-step run, and one stopped by SIGTERM during step 2 then resumed.
+
+  The interrupted run logs (and so syncs) only at step 6; SIGTERM arrives from the
+  device while step 2 computes, and a second one while the stop's asynchronous save
+  is written (in ``Workdir.close``). The last element says what the loop dispatched
+  and which SIGTERMs reached the handler the test had installed before the run.
+  """
   full_dir = str(tmp_path_factory.mktemp('full'))
   full = train.train_and_evaluate(_text_config(shared_data), full_dir)
 
   resumed_dir = str(tmp_path_factory.mktemp('resumed'))
-  config = _text_config(shared_data, eval_every_steps=0)  # Eval changes no weights.
+  # Eval changes no weights; no periodic save syncs the loop before the log step.
+  config = _text_config(shared_data, eval_every_steps=0, log_every_steps=6)
+  config.checkpoint.every_steps = 0
+  config.checkpoint.async_save = True
   config.data.vocab_path = os.path.join(full_dir, 'vocab', 'spm.model')
-  original = train._get_datasets
+  delayed = jax.jit(lambda x: io_callback(_sigterm_while_step_2_runs, x, x))
+  original_step, original_close = train.TrainSetup.train_step, Workdir.close
+  dispatched, outside = [], []
 
-  def interrupted(*args, **kwargs):
-    tokenizer, train_iter, eval_sets = original(*args, **kwargs)
-    return tokenizer, _SigtermAfter(train_iter, 3), eval_sets
+  def train_step(self, state, batch):
+    state, sums = original_step(self, state, batch)
+    dispatched.append(len(dispatched) + 1)
+    if len(dispatched) == 2:
+      sums = dict(sums, tokens=delayed(sums['tokens']))
+    return state, sums
 
-  train._get_datasets = interrupted
+  def close(self):
+    os.kill(os.getpid(), signal.SIGTERM)
+    original_close(self)
+
+  def outside_handler(signum, frame):
+    del signum, frame
+    outside.append(True)
+
+  train.TrainSetup.train_step, Workdir.close = train_step, close
+  previous = signal.signal(signal.SIGTERM, outside_handler)
   try:
     first = train.train_and_evaluate(config, resumed_dir)
+    handler_after = signal.getsignal(signal.SIGTERM)
   finally:
-    train._get_datasets = original
+    signal.signal(signal.SIGTERM, previous)
+    train.TrainSetup.train_step, Workdir.close = original_step, original_close
   second = train.train_and_evaluate(config, resumed_dir)
-  return full_dir, full, resumed_dir, first, second
+  interruption = {'dispatched': max(dispatched), 'reached_outside': len(outside),
+                  'handler_put_back': handler_after is outside_handler}
+  return full_dir, full, resumed_dir, first, second, interruption
 
 
 def test_sigterm_saves_and_resume_equals_uninterrupted(runs):
-  full_dir, full, resumed_dir, first, second = runs
-  assert first['step'] == 3  # Stopped at the step SIGTERM arrived, and saved it.
+  full_dir, full, resumed_dir, first, second, interruption = runs
+  # SIGTERM while step 2 ran: saved and stopped at the next step, not at the next
+  # log step (the loop keeps one step in flight, not log_every_steps).
+  assert first['step'] == 3 and interruption['dispatched'] == 3
+  # The second SIGTERM, while step 3's save was written, did not end the process
+  # (the test's handler stood in for the default action); the save is complete.
+  assert interruption['reached_outside'] == 0 and interruption['handler_put_back']
   assert 3 in Workdir.open(resumed_dir).steps()
   assert sorted(first['train_loss']) == [1, 2, 3]
   assert sorted(second['train_loss']) == [4, 5, 6]
@@ -284,7 +307,7 @@ def test_sigterm_saves_and_resume_equals_uninterrupted(runs):
 
 
 def test_run_writes_config_summaries_and_dev_metrics(runs):
-  full_dir, full, _, _, _ = runs
+  full_dir, full, _, _, _, _ = runs
   with open(os.path.join(full_dir, 'config.json')) as f:
     saved = json.load(f)
   assert saved['model']['d_model'] == 32 and saved['train']['num_steps'] == 6
@@ -297,7 +320,7 @@ def test_run_writes_config_summaries_and_dev_metrics(runs):
 
 
 def test_checkpoint_saved_on_8_devices_restores_on_one_and_on_another_mesh(runs):
-  full_dir, full, _, _, _ = runs
+  full_dir, full, _, _, _, _ = runs
   expected = _named_leaves(jax.device_get(full['state']['params']))
   workdir = Workdir.open(full_dir)
   restored = workdir.restore()
@@ -340,7 +363,7 @@ def _params_of(model):
 
 
 def test_final_bleu_translator_averages_the_last_checkpoints(runs, shared_data):
-  full_dir, full, _, _, _ = runs
+  full_dir, full, _, _, _, _ = runs
   setup, params = full['setup'], full['state']['params']
   config = _text_config(shared_data)
   workdir = Workdir.open(full_dir)
@@ -373,7 +396,7 @@ def test_time_budget_stops_saves_averages_and_evaluates(runs, shared_data, tmp_p
                                                           monkeypatch):
   # A resumed run with a budget already spent: one step past the restored step 6,
   # then it saves, averages the last 2 checkpoints and runs the final BLEU.
-  _, _, resumed_dir, _, _ = runs
+  _, _, resumed_dir, _, _, _ = runs
   workdir = str(tmp_path / 'budget')
   shutil.copytree(resumed_dir, workdir)
   config = _text_config(shared_data, num_steps=1000, max_minutes=1e-6,

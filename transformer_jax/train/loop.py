@@ -451,6 +451,7 @@ def _train_locked(config, workdir: str, start_time: float) -> dict:
   max_minutes = float(config.train.get('max_minutes', 0.0) or 0.0)
   out_of_time = False
   guard = _FiniteGuard(int(config.optim.get('skip_nonfinite_updates', 0) or 0), ckpt)
+  previous_sums = None
   try:
     while step < total_steps:
       local = next(train_iter)
@@ -460,6 +461,14 @@ def _train_locked(config, workdir: str, start_time: float) -> dict:
       compiles = len(setup._compiled)
       state, sums = setup.train_step(state, batch)
       step += 1
+      # One step in flight, no more: jax dispatches asynchronously, and unchecked the
+      # loop would run up to log_every_steps steps ahead of the device, so SIGTERM
+      # (polled below) would be acted on only once all of those had run, past the
+      # grace period before SIGKILL. The device still has this step while this one
+      # waits for the previous one.
+      if previous_sums is not None:
+        jax.block_until_ready(previous_sums)
+      previous_sums = sums
       if len(setup._compiled) != compiles:  # Time compiling is not step time.
         jax.block_until_ready(sums)
         window_start, window_flops, skip_tokens = time.time(), 0.0, step
@@ -560,11 +569,13 @@ def _train_locked(config, workdir: str, start_time: float) -> dict:
                               workdir, step, writer, final=False)
       window_start += time.time() - pause_start
   except BaseException:
-    preemption.restore()
     ckpt.abandon()  # Let good saves in flight finish; the error in flight is the news.
+    preemption.restore()
     raise
-  preemption.restore()
+  # A second SIGTERM while the last save is written must not kill the process before
+  # orbax commits it: the handler stays until the saves are done.
   run_dir.close()
+  preemption.restore()
 
   bleu = {}
   if ((step >= total_steps or out_of_time) and eval_sets
