@@ -554,11 +554,8 @@ def _train_locked(config, workdir: str, start_time: float) -> dict:
                   meta, force=True)
         logging.info('Saving checkpoint for step %d.', step)
       if out_of_time:
-        final = ('the final BLEU follows' if config.train.bleu_every_steps >= 0
-                 and setup.task.name == 'translation' else 'training ends')
         logging.info('Time budget of train.max_minutes=%g reached at step %d (%.1f '
-                     'minutes): saved; %s.', max_minutes, step,
-                     (time.time() - start_time) / 60, final)
+                     'minutes): saved.', max_minutes, step, (time.time() - start_time) / 60)
         break
       if stop:
         logging.warning('Stopped at step %d after a preemption request.', step)
