@@ -34,6 +34,7 @@ from typing import NoReturn
 
 from absl import app, flags, logging
 
+from transformer_jax import host_memory
 from transformer_jax.run.lock import WorkdirLockedError
 
 FLAGS = flags.FLAGS
@@ -145,8 +146,10 @@ def run_training(main: Callable[[Sequence[str]], None], name: str, **kwargs) -> 
   """``app.run(main, **kwargs)`` for training: expected failures as one line.
 
   Exits without the interpreter's shutdown: after a failed background save, orbax's
-  writer threads would each print a traceback while it tears down.
+  writer threads would each print a traceback while it tears down. Starts by
+  re-executing under glibc's huge-page tunable where it applies (host_memory).
   """
+  host_memory.reexec_with_huge_pages()
 
   def exit_with(message: str) -> NoReturn:
     sys.stdout.flush()
