@@ -237,3 +237,54 @@ def test_sharded_step_equals_one_device(task):
       assert np.abs(got - want).max() <= 2 * lr_total + 1e-6, name
     else:
       np.testing.assert_allclose(got, want, atol=2e-5, err_msg=name)
+
+
+def _labelled_tsv_config(tmp_path):
+  """configs/sst2.py cut to 1 layer over 400 made-up labelled sentences (word vocabulary)."""
+  words = 'red blue green cat dog bird runs sleeps eats big small the a on under'.split()
+  rng = np.random.default_rng(0)
+  for name, rows in (('train.tsv', 400), ('dev.tsv', 40)):
+    lines = [' '.join(rng.choice(words, rng.integers(1, 8))) + f'\t{i % 2}'
+             for i in range(rows)]
+    (tmp_path / name).write_text('sentence\tlabel\n' + '\n'.join(lines) + '\n')
+  config = sst2.get_config()
+  m = config.model
+  m.num_encoder_layers, m.d_model, m.num_heads, m.d_ff, m.max_len = 1, 32, 4, 64, 16
+  d = config.data
+  d.data_dir, d.train_file, d.eval_file = str(tmp_path), 'train.tsv', 'dev.tsv'
+  d.vocab_size, d.vocab_model_type = len(words) + 4 + 1, 'word'
+  d.batch_size, d.eval_batch_size, d.max_length, d.bucket_lengths = 8, 16, 16, (8,)
+  return config
+
+
+def test_training_ends_with_the_dev_metrics_of_the_averaged_checkpoints(tmp_path):
+  # eval.average_last=3 over checkpoints 2, 4, 6: the final averaged evaluation
+  # equals evaluate_loss on the parameter mean of the three restored checkpoints.
+  from transformer_jax.run.workdir import Workdir
+  config = _labelled_tsv_config(tmp_path)
+  t = config.train
+  t.num_steps, t.eval_every_steps, t.log_every_steps = 6, 6, 2
+  config.optim.warmup_steps = 2
+  config.checkpoint.every_steps, config.checkpoint.max_to_keep = 2, 5
+  config.checkpoint.every_minutes = 0.0
+  config.eval.average_last = 3
+  result = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  averaged = result['averaged_eval']
+  assert averaged['steps'] == [2, 4, 6]
+
+  wd = Workdir.open(str(tmp_path / 'run'))
+  per_step = [wd.restore(step).params for step in (2, 4, 6)]
+  mean = jax.tree.map(lambda *xs: np.mean(np.stack(xs), axis=0), *per_step)
+  setup = result['setup']
+  _, _, eval_sets = setup.task.get_datasets(config, str(tmp_path / 'run'), process_index=0,
+                                            process_count=1, batch_multiple=1)
+  want = train.evaluate_loss(setup, jax.device_put(mean, setup.state_shardings['params']),
+                             eval_sets['validation'], config.data.eval_batch_size)
+  np.testing.assert_allclose(averaged['loss'], want['loss'], rtol=1e-6)
+  assert averaged['accuracy'] == want['accuracy']
+  last = result['eval']  # Step 6's own parameters: not what the average gives.
+  assert abs(last['loss'] - averaged['loss']) > 1e-4
+
+  config.eval.average_last = 1
+  result = train.train_and_evaluate(config, str(tmp_path / 'run_no_average'))
+  assert result['averaged_eval'] == {}

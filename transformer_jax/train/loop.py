@@ -375,7 +375,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   Returns:
     ``{'step', 'train_loss': {step: loss}, 'eval': last dev metrics, 'bleu',
-    'state': the final train state, 'setup': the TrainSetup}``; the per-step
+    'averaged_eval': the dev metrics of the last eval.average_last checkpoints
+    averaged (tasks with ``final_eval_averages``; {} otherwise), 'state': the final
+    train state, 'setup': the TrainSetup}``; the per-step
     losses are those of this invocation (steps count micro-batches).
   """
   start_time = time.time()
@@ -574,16 +576,43 @@ def _train_locked(config, workdir: str, start_time: float) -> dict:
   run_dir.close()
   preemption.restore()
 
-  bleu = {}
-  if ((step >= total_steps or out_of_time) and eval_sets
-      and config.train.bleu_every_steps >= 0):
+  bleu, averaged = {}, {}
+  finished = step >= total_steps or out_of_time
+  if finished and eval_sets and config.train.bleu_every_steps >= 0:
     bleu = setup.task.extra_eval(setup, state['params'], tokenizer, eval_sets, config,
                                  workdir, step, writer, final=True)
+  if finished and eval_sets and setup.task.final_eval_averages:
+    averaged = _averaged_eval(setup, workdir, eval_sets['validation'], config, step,
+                              writer)
   if writer is not None:
     writer.close()
   return {'step': step, 'train_loss': history, 'eval': eval_metrics, 'bleu': bleu,
-          'state': state, 'setup': setup, 'out_of_time': out_of_time,
-          'minutes': (time.time() - start_time) / 60}
+          'averaged_eval': averaged, 'state': state, 'setup': setup,
+          'out_of_time': out_of_time, 'minutes': (time.time() - start_time) / 60}
+
+
+def _averaged_eval(setup: TrainSetup, workdir: str, eval_set, config, step: int,
+                   writer) -> dict[str, float]:
+  """Dev metrics of the average of the last ``config.eval.average_last`` checkpoints
+  (Sec 6.1), restored as ``classify --average_last`` restores them; {} when the
+  config asks for no average or fewer checkpoints were kept."""
+  k = int(config.eval.average_last or 1)
+  run_dir = workdir_lib.Workdir(workdir, config)
+  if k < 2 or len(run_dir.steps()) < k:
+    return {}
+  restored = run_dir.restore(average_last=k, mesh=setup.mesh)
+  params = jax.device_put(restored.params, setup.state_shardings['params'])
+  metrics = evaluate_loss(setup, params, eval_set, config.data.eval_batch_size)
+  extra = {name: value for name, value in metrics.items()
+           if name not in ('loss', 'perplexity', 'nll', 'tokens')}
+  logging.info('step %d, average of checkpoints %s: dev loss %.4f%s', step,
+               list(restored.steps), metrics['loss'],
+               ''.join(f' dev {n} {v:.4f}' for n, v in extra.items()))
+  if writer is not None:
+    _write_scalars(writer, step, {'eval_averaged/loss': metrics['loss'],
+                                  **{f'eval_averaged/{n}': v for n, v in extra.items()}})
+    writer.flush()
+  return dict(metrics, steps=list(restored.steps))
 
 
 def _agree(flag: bool) -> bool:

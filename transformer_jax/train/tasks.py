@@ -53,6 +53,9 @@ class Task:
   name = ''
   batch_keys: tuple[str, ...] = ()
   unit = 'tokens'  # What 'tokens' counts, for the progress line.
+  # Whether training ends with the dev metrics of the average of the last
+  # config.eval.average_last checkpoints (translation averages in its BLEU instead).
+  final_eval_averages = False
 
   def get_datasets(self, config, workdir, *, process_index: int, process_count: int,
                    batch_multiple: int):
@@ -311,6 +314,7 @@ class ClassificationTask(_SentenceTask):
   name = 'classification'
   batch_keys = ('inputs', 'labels')
   unit = 'sentences'
+  final_eval_averages = True
 
   def loss(self, model, batch, config, *, train):
     logits = model(batch['inputs'], deterministic=not train)  # [B, C]
