@@ -1,7 +1,8 @@
 """Sentence classification on GLUE SST-2 (encoder-only family), optionally after
 masked-LM pre-training on the training sentences.
 
-From scratch (2,000 steps, ~1.9 epochs):
+From scratch (2,000 steps, ~1.9 epochs; the final dev accuracy is that of the average of
+its 10 checkpoints):
 
   .venv/bin/python -m transformer_jax.main --config=configs/sst2.py --workdir=runs/sst2
 
@@ -75,9 +76,13 @@ def get_config(arg=None):
   t.bleu_every_steps = -1
 
   c = config.checkpoint
-  c.every_steps = 500
-  c.every_minutes = 5.0
-  c.max_to_keep = 3
+  c.every_steps = 200  # 10 checkpoints in a 2,000-step run, all averaged at the end.
+  c.every_minutes = 0.0  # Step-aligned checkpoints only: the same average on any machine.
+  c.max_to_keep = 10
+
+  # The final dev accuracy is that of the mean of the 10 checkpoints (steps 200-2000):
+  # 81.54 against 80.85 for the last (chosen on dev; README).
+  config.eval.average_last = 10
 
   if arg == 'mlm':
     t.task = 'mlm'
@@ -92,6 +97,7 @@ def get_config(arg=None):
     o.learning_rate_scale = 0.28
     t.num_steps = 500
     t.eval_every_steps = 100
+    config.eval.average_last = 1  # Averaging fine-tuning checkpoints measured lower.
   elif arg:
     raise ValueError(f'configs/sst2.py takes no argument, "mlm" or "finetune", got {arg!r}.')
   return config
