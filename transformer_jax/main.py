@@ -57,9 +57,12 @@ def _maybe_initialize_distributed() -> None:
 
 
 class _QuietLibraries(pylogging.Filter):
-  """Drops INFO lines of orbax and tensorstore, which write several per save.
+  """Drops the INFO and WARNING lines of orbax and tensorstore: several per save, and
+  a WARNING per option each time the final evaluation opens the checkpoints
+  read-only to average them.
 
-  Progress lines and warnings stay; ``--verbosity=1`` shows everything.
+  Progress lines, our warnings and the libraries' errors stay; ``--verbosity=1``
+  shows everything.
   """
 
   def filter(self, record: pylogging.LogRecord) -> bool:
@@ -69,7 +72,7 @@ class _QuietLibraries(pylogging.Filter):
       # error itself reaches the loop and is reported there in one line.
       record.msg, record.args = record.getMessage().splitlines()[0][:300], None
       record.exc_info = record.exc_text = None
-    return record.levelno > pylogging.INFO or not noisy
+    return record.levelno >= pylogging.ERROR or not noisy
 
 
 def main(argv):
