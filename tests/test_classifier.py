@@ -137,6 +137,17 @@ class _Stop(Exception):
   pass
 
 
+def _write_labelled_tsv(tmp_path) -> list[str]:
+  """train.tsv (400) and dev.tsv (40) of made-up sentences over 15 words; the words."""
+  words = 'red blue green cat dog bird runs sleeps eats big small the a on under'.split()
+  rng = np.random.default_rng(0)
+  for name, rows in (('train.tsv', 400), ('dev.tsv', 40)):
+    lines = [' '.join(rng.choice(words, rng.integers(1, 8))) + f'\t{i % 2}'
+             for i in range(rows)]
+    (tmp_path / name).write_text('sentence\tlabel\n' + '\n'.join(lines) + '\n')
+  return words
+
+
 def test_config_vocab_size_is_the_models_ids_in_training_and_the_dry_run(tmp_path,
                                                                         monkeypatch):
   # config.data.vocab_size is V, the embedding's rows, in every family: training
@@ -144,12 +155,7 @@ def test_config_vocab_size_is_the_models_ids_in_training_and_the_dry_run(tmp_pat
   # builds the model from the config alone) builds the same V.
   from transformer_jax import dry_run
   from transformer_jax.data import tokenizer as tokenizer_lib
-  words = 'red blue green cat dog bird runs sleeps eats big small the a on under'.split()
-  rng = np.random.default_rng(0)
-  for name, rows in (('train.tsv', 400), ('dev.tsv', 40)):
-    lines = [' '.join(rng.choice(words, rng.integers(1, 8))) + f'\t{i % 2}'
-             for i in range(rows)]
-    (tmp_path / name).write_text('sentence\tlabel\n' + '\n'.join(lines) + '\n')
+  words = _write_labelled_tsv(tmp_path)
   config = sst2.get_config('mlm')
   d = config.data
   d.data_dir, d.train_file, d.eval_file = str(tmp_path), 'train.tsv', 'dev.tsv'
@@ -240,13 +246,8 @@ def test_sharded_step_equals_one_device(task):
 
 
 def _labelled_tsv_config(tmp_path):
-  """configs/sst2.py cut to 1 layer over 400 made-up labelled sentences (word vocabulary)."""
-  words = 'red blue green cat dog bird runs sleeps eats big small the a on under'.split()
-  rng = np.random.default_rng(0)
-  for name, rows in (('train.tsv', 400), ('dev.tsv', 40)):
-    lines = [' '.join(rng.choice(words, rng.integers(1, 8))) + f'\t{i % 2}'
-             for i in range(rows)]
-    (tmp_path / name).write_text('sentence\tlabel\n' + '\n'.join(lines) + '\n')
+  """configs/sst2.py cut to 1 layer over _write_labelled_tsv's sentences."""
+  words = _write_labelled_tsv(tmp_path)
   config = sst2.get_config()
   m = config.model
   m.num_encoder_layers, m.d_model, m.num_heads, m.d_ff, m.max_len = 1, 32, 4, 64, 16
