@@ -58,6 +58,7 @@ def get_config(arg=None):
   d.batch_size = 64  # Sentences per step (global).
   d.eval_batch_size = 128
   d.mlm_probability = 0.15  # Used by train.task='mlm' (BERT Sec 3.1).
+  d.word_dropout = 0.0  # Classification: the chance a training token becomes <unk>.
   d.label_names = ('negative', 'positive')  # GLUE SST-2: label 0, label 1.
 
   o = config.optim
@@ -91,7 +92,8 @@ def get_config(arg=None):
     o.label_smoothing = 0.0
     t.num_steps = 4500  # Where the cosine ends; max_minutes usually ends the run first.
     t.max_minutes = 12.0  # Leaves the fine-tuning room in a 20-minute budget.
-  elif arg == 'finetune':  # Needs --config.train.init_from=<the :mlm run>.
+  elif arg == 'finetune':
+    t.needs_init_from = True  # Training refuses to start without init_from (the :mlm run).
     # Peak 0.28 * 192^-0.5 * 100^-0.5 = 2e-3, decayed over 500 steps (~half an epoch).
     o.warmup_steps = 100
     o.learning_rate_scale = 0.28

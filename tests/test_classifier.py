@@ -3,6 +3,8 @@ and masked-LM tasks.
 
 * BERT masking: ~15% of the real tokens are chosen (never [CLS] or padding), of them
   ~80% become [MASK], ~10% a random piece and ~10% stay; targets are the originals.
+* Word dropout: ~p of the real tokens become <unk>, never [CLS] or padding; the
+  batches with it are the same batches, resumable, and differ only there.
 * Pooling ([CLS] and masked mean) ignores padding: the same sentence padded to two
   lengths gives the same sentence vector and logits.
 * The classification loss and accuracy of known logits equal their hand-computed values.
@@ -57,6 +59,50 @@ def test_masking_statistics():
   untouched = np.ones_like(ids, bool)
   untouched[rows_idx, pos] = False
   np.testing.assert_array_equal(corrupted[untouched], ids[untouched])
+
+
+def test_word_dropout_replaces_a_fraction_of_real_tokens_with_unk():
+  rng = np.random.default_rng(0)
+  rows, length = 2000, 40
+  ids = np.zeros((rows, length), np.int32)
+  for r, n in enumerate(rng.integers(5, length + 1, size=rows)):
+    ids[r, 0] = 2  # [CLS]
+    ids[r, 1:n] = rng.integers(4, MASK, size=n - 1)
+  dropped = sentences.drop_words(ids, np.random.default_rng(1), 0.2)
+  changed = dropped != ids
+  assert (dropped[changed] == 3).all()  # <unk>
+  assert not changed[:, 0].any() and not changed[ids == 0].any()
+  assert abs(changed.sum() / (ids[:, 1:] != 0).sum() - 0.2) < 0.01
+
+
+def test_word_dropout_batches_differ_only_by_unk_and_resume_exactly():
+  rng = np.random.default_rng(0)
+  ids = [np.concatenate([[2], rng.integers(4, MASK, size=n)]).astype(np.int32)
+         for n in rng.integers(3, 30, size=300)]
+  labels = rng.integers(0, 2, size=300)
+  make = lambda p: sentences.SentenceBatches(ids, labels, batch_size=8, buckets=(16, 32),
+                                             seed=5, group=4, word_dropout=p)
+  plain, dropped = make(0.0), make(0.3)
+  first = [next(dropped) for _ in range(6)]
+  for batch in first:
+    reference = next(plain)
+    np.testing.assert_array_equal(batch['labels'], reference['labels'])
+    changed = batch['inputs'] != reference['inputs']
+    assert changed.any() and (batch['inputs'][changed] == 3).all()
+  advanced = make(0.3)
+  for _ in range(3):
+    next(advanced)
+  resumed = make(0.3)
+  resumed.set_state(advanced.get_state())
+  np.testing.assert_array_equal(next(resumed)['inputs'], first[3]['inputs'])
+  with pytest.raises(ValueError, match='word_dropout'):
+    make(1.0)
+
+
+def test_finetune_config_refuses_to_start_without_a_pretrained_run(tmp_path):
+  with pytest.raises(ValueError, match='init_from'):
+    train.train_and_evaluate(sst2.get_config('finetune'), str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
 
 
 def _cfg(**overrides):

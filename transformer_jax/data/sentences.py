@@ -146,6 +146,26 @@ def mask_tokens(ids: np.ndarray, rng: np.random.Generator, *, mask_id: int,
   return corrupted, positions, targets
 
 
+def drop_words(ids: np.ndarray, rng: np.random.Generator, probability: float) -> np.ndarray:
+  """Word dropout: each real token but the [CLS] becomes ``<unk>`` with ``probability``.
+
+  The classifier then learns from sentences with words missing, as it meets them in
+  the dev set's out-of-vocabulary words, instead of memorising whole training phrases
+  (Iyyer et al., 2015, drop words; replacing keeps positions and lengths).
+
+  Args:
+    ids: [B, S] int32, [CLS] first, pad = 0.
+    rng: the generator (seeded per batch by the caller).
+    probability: the chance that a token is replaced.
+
+  Returns:
+    [B, S] int32: the same padding and [CLS], some tokens ``<unk>``.
+  """
+  hit = (rng.random(ids.shape) < probability) & (ids != tokenizer_lib.PAD_ID)
+  hit[:, 0] = False
+  return np.where(hit, tokenizer_lib.UNK_ID, ids).astype(ids.dtype)
+
+
 def mlm_predictions(length: int, probability: float) -> int:
   """P for a bucket of ``length``: enough slots for round(probability * n) at any n."""
   return max(1, math.ceil(probability * length))
@@ -154,13 +174,17 @@ def mlm_predictions(length: int, probability: float) -> int:
 class SentenceBatches(resumable.CountedBatches):
   """Endless length-grouped training batches (classification or masked LM).
 
-  Yields {'inputs' [B, L], 'labels' [B, 1]} or, with ``mlm_probability`` > 0,
+  Yields {'inputs' [B, L], 'labels' [B, 1]} (with ``word_dropout`` > 0, some
+  inputs ``<unk>``, ``drop_words``) or, with ``mlm_probability`` > 0,
   {'inputs' [B, L] corrupted, 'mlm_positions' [B, P], 'mlm_targets' [B, P]}.
   """
 
   def __init__(self, ids: Sequence[np.ndarray], labels: np.ndarray | None, *,
                batch_size: int, buckets: Sequence[int], seed: int, group: int = 32,
-               mlm_probability: float = 0.0, mask_id: int = 0, vocab_size: int = 0):
+               mlm_probability: float = 0.0, mask_id: int = 0, vocab_size: int = 0,
+               word_dropout: float = 0.0):
+    if not 0.0 <= word_dropout < 1.0:
+      raise ValueError(f'word_dropout must be in [0, 1), got {word_dropout}.')
     self._ids, self._labels = list(ids), labels
     self._rows, self._buckets, self._seed = batch_size, tuple(buckets), seed
     self._group = group
@@ -174,6 +198,7 @@ class SentenceBatches(resumable.CountedBatches):
     self._lengths = np.asarray([len(x) for x in self._ids])
     self._mlm = float(mlm_probability)
     self._mask_id, self._vocab_size = mask_id, vocab_size
+    self._word_dropout = float(word_dropout)
     self._batches = 0
     self._chunk_key, self._chunk = None, None
 
@@ -206,11 +231,17 @@ class SentenceBatches(resumable.CountedBatches):
           inputs, rng, mask_id=self._mask_id, vocab_size=self._vocab_size,
           probability=self._mlm, max_predictions=mlm_predictions(length, self._mlm))
       return {'inputs': inputs, 'mlm_positions': positions, 'mlm_targets': targets}
+    if self._word_dropout > 0:
+      inputs = drop_words(inputs, np.random.default_rng([self._seed, 3, k]),
+                          self._word_dropout)
     return {'inputs': inputs, 'labels': self._labels[members][:, None].astype(np.int32)}
 
   def _spec(self) -> dict[str, Any]:
-    return {'rows': self._rows, 'buckets': list(self._buckets), 'group': self._group,
+    spec = {'rows': self._rows, 'buckets': list(self._buckets), 'group': self._group,
             'sentences': len(self._ids), 'mlm': self._mlm}
+    if self._word_dropout:  # Only then, so runs saved before the option still resume.
+      spec['word_dropout'] = self._word_dropout
+    return spec
 
 
 class SentenceEvalSet:

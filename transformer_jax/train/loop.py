@@ -381,6 +381,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     losses are those of this invocation (steps count micro-batches).
   """
   start_time = time.time()
+  if config.train.get('needs_init_from') and not config.train.get('init_from'):
+    raise ValueError('This config fine-tunes a pre-trained run: give its workdir with '
+                     '--config.train.init_from=DIR.')
   workdir = os.path.abspath(workdir)
   lock = None
   if jax.process_index() == 0:
