@@ -27,26 +27,16 @@ from flax import nnx
 from transformer_jax import model as model_lib
 from transformer_jax.inference import search
 from transformer_jax.inference.translator import BatchSearch
+import machine  # benchmarks/machine.py
 
 FLAX_WMT_BEAM4_SENTENCES_PER_S = 45.0
 
-
-def _cpu_model() -> str:
-  """The CPU's model name (Linux /proc/cpuinfo), else what ``platform`` knows."""
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return f'{line.split(":", 1)[1].strip()}, {platform.machine()}'
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
 
 
 def _machine() -> str:
   device = jax.devices()[0]
   if device.platform == 'cpu':
-    return f'{os.cpu_count()}-core CPU ({_cpu_model()})'
+    return f'{os.cpu_count()}-core CPU ({machine.cpu_model()}, {platform.machine()})'
   return f'{device.device_kind} ({device.platform})'
 
 

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
+import machine  # benchmarks/machine.py
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 
@@ -72,7 +72,7 @@ def main() -> None:
   devices = topology.tpu_devices(args.topology) if args.topology else jax.devices()[:1]
   head = (f'{len(devices)} x {devices[0].device_kind}, mesh {args.mesh}, '
           f'{"d_model 256" if args.small else "base widths"}, {args.tokens} tokens '
-          f'a side at length {args.length}; host {platform.processor() or "cpu"} '
+          f'a side at length {args.length}; host {machine.cpu_model()} '
           f'{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start')
   lines = [head, '',
            '| N | scan | remat | compile s | arguments GiB | temporaries GiB | peak GiB |',

@@ -25,8 +25,8 @@ import time
 
 from transformer_jax.inference import export
 from transformer_jax.inference.translator import Translator
+import machine  # benchmarks/machine.py
 
-from verify_export import _cpu_model  # Same folder.
 
 
 def _load():
@@ -85,7 +85,7 @@ def main():
       configs[f'ctranslate2 {q}, batch {batch_size}'] = (
           lambda b, q=q: run_ct2(q, b), batch_size)
 
-  print(f'machine: {os.cpu_count()}-core CPU ({_cpu_model()}); CTranslate2 '
+  print(f'machine: {os.cpu_count()}-core CPU ({machine.cpu_model()}); CTranslate2 '
         f'{ctranslate2.__version__}, {threads} threads')
   print(f'{args.workdir}: {len(lines)} sentences, beam {e.beam_size}, alpha '
         f'{e.length_penalty}, ours under {args.beam_rules} rules; warming up (compiles), '

@@ -24,6 +24,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
+import machine  # noqa: E402  (benchmarks/machine.py)
 
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per process.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Process pairs, interleaved.')
@@ -84,16 +85,6 @@ def _child_environment(variant: str) -> dict:
   return env
 
 
-def _cpu_model() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or 'unknown CPU'
-
 
 def main(argv):
   del argv
@@ -113,7 +104,7 @@ def main(argv):
                             f'--steps={_STEPS.value}'], capture_output=True, text=True,
                            env=_child_environment(variant), check=True)
       results[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
-  print(f'Machine: {os.cpu_count()} x {_cpu_model()}, '
+  print(f'Machine: {os.cpu_count()} x {machine.cpu_model()}, '
         f'{platform.libc_ver()[0]} {platform.libc_ver()[1]}, transparent huge pages: {thp}; '
         f'load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after.')
   print(f'configs/multi30k.py train step, packed batch {ROWS}x{LENGTH}, vocab {VOCAB}, fp32; '

@@ -10,7 +10,6 @@ pipeline must beat by 5x or more so that it never stalls training::
 """
 
 import os
-import platform
 import time
 
 from absl import app
@@ -18,6 +17,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from transformer_jax.data import pipeline as input_pipeline
+import machine  # benchmarks/machine.py
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/multi30k.py', 'Run config.')
 _WORKDIR = flags.DEFINE_string('workdir', '/tmp/bench_input_pipeline',
@@ -28,13 +28,7 @@ _STEP_TOKENS = flags.DEFINE_float('step_tokens_per_s', 210.0,
 
 
 def _machine() -> str:
-  model = platform.processor() or platform.machine()
-  try:
-    with open('/proc/cpuinfo') as f:
-      model = next(l.split(':', 1)[1].strip() for l in f if l.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
-  return f'{model}, {os.cpu_count()} cores'
+  return f'{machine.cpu_model()}, {os.cpu_count()} cores'
 
 
 def main(argv):

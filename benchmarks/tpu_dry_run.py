@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import platform
 import re
 import sys
 import time
+import machine  # benchmarks/machine.py
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 
@@ -148,14 +148,14 @@ def main() -> None:
              '|---|---|---|---|---|'] + best
   print('\n' + '\n'.join(summary))
   load = os.getloadavg()
-  machine = (f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores, '
-             f'load average {load[0]:.1f} at the end')
+  host = (f'{machine.cpu_model()}, {os.cpu_count()} cores, '
+          f'load average {load[0]:.1f} at the end')
   if args.out:
     with open(args.out, 'w') as f:
       f.write('# TPU dry runs: the real TPU compiler, no TPU\n\n'
               f'Written by `python benchmarks/tpu_dry_run.py --models={args.models} '
               f'--slices={args.slices} --meshes={args.meshes} --out={args.out}` on a '
-              f'CPU machine ({machine}) with libtpu 0.0.42.1.\n\n'
+              f'CPU machine ({host}) with libtpu 0.0.42.1.\n\n'
               + '\n'.join(header + [_fmt(r) for r in rows]) + '\n\n'
               '## Recommended mesh (fits, lowest estimated step time)\n\n'
               + '\n'.join(summary) + '\n')

@@ -25,7 +25,6 @@ import argparse
 import dataclasses
 import gzip
 import os
-import platform
 import tempfile
 
 import numpy as np
@@ -33,17 +32,8 @@ import numpy as np
 from transformer_jax.inference import bleu
 from transformer_jax.inference import export
 from transformer_jax.inference.translator import Translator
+import machine  # benchmarks/machine.py
 
-
-def _cpu_model() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
 
 
 def _read(path, limit):
@@ -150,7 +140,7 @@ def main():
   parser.add_argument('--hf_sentences', type=int, default=8)
   args = parser.parse_args()
 
-  print(f'machine: {os.cpu_count()}-core CPU ({_cpu_model()}), load average '
+  print(f'machine: {os.cpu_count()}-core CPU ({machine.cpu_model()}), load average '
         f'{", ".join(f"{x:.1f}" for x in os.getloadavg())}')
   lines = _read(args.source, args.max_sentences)
   references = _read(args.reference, args.max_sentences)
