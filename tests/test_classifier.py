@@ -5,8 +5,8 @@ and masked-LM tasks.
   ~80% become [MASK], ~10% a random piece and ~10% stay; targets are the originals.
 * Word dropout: ~p of the real tokens become <unk>, never [CLS] or padding; the
   batches with it are the same batches, resumable, and differ only there.
-* Pooling ([CLS] and masked mean) ignores padding: the same sentence padded to two
-  lengths gives the same sentence vector and logits.
+* Pooling ([CLS], masked mean, masked max) ignores padding: the same sentence padded
+  to two lengths gives the same sentence vector and logits.
 * The classification loss and accuracy of known logits equal their hand-computed values.
 * A train step on meshes (8,1,1) and (2,2,2) equals the single-device step (loss,
   parameters), for classification and masked-LM batches.
@@ -113,7 +113,7 @@ def _cfg(**overrides):
   return model_lib.TransformerConfig(**values)
 
 
-@pytest.mark.parametrize('pooling', ['cls', 'mean'])
+@pytest.mark.parametrize('pooling', ['cls', 'mean', 'max'])
 def test_pooling_ignores_padding(pooling):
   model = families.build_model(_cfg(pooling=pooling), rngs=nnx.Rngs(0))
   short = jnp.asarray([[2, 9, 17, 33, 5, 0, 0, 0], [2, 40, 0, 0, 0, 0, 0, 0]], jnp.int32)
@@ -121,10 +121,14 @@ def test_pooling_ignores_padding(pooling):
   np.testing.assert_allclose(model.sentence_embedding(short),
                              model.sentence_embedding(long), atol=1e-5)
   np.testing.assert_allclose(model(short), model(long), atol=1e-5)
-  if pooling == 'mean':
-    encoded = model.encode(short)
-    np.testing.assert_allclose(model.sentence_embedding(short)[0],
-                               encoded[0, :5].mean(axis=0), atol=1e-5)
+  encoded = model.encode(short)
+  if pooling in ('mean', 'max'):
+    reduce = {'mean': np.mean, 'max': np.max}[pooling]
+    for row, length in enumerate((5, 2)):
+      np.testing.assert_allclose(model.sentence_embedding(short)[row],
+                                 reduce(encoded[row, :length], axis=0), atol=1e-5)
+    assert not np.allclose(model.sentence_embedding(short)[1],
+                           reduce(encoded[1], axis=0), atol=1e-3)  # Padding would move it.
 
 
 class _FixedLogits:

@@ -4,8 +4,9 @@ The paper's encoder stack (Sec 3.1, the same ``Encoder`` class as the translatio
 model) read by two heads, as BERT (Devlin et al., 2019) does:
 
   classify(ids)          [B, S] -> [B, C] logits from a pooled sentence vector:
-                         the first token ([CLS], Sec 3 of BERT) or the mean of
-                         the non-padding positions ('mean' pooling)
+                         the first token ([CLS], Sec 3 of BERT), or the mean
+                         ('mean') or feature-wise maximum ('max') of the
+                         non-padding positions
   sentence_embedding     the pooled [B, D] vector itself
   masked_lm(ids, pos)    [B, S], [B, P] -> [B, P, V] logits at the P masked
                          positions (BERT's transform: dense + GELU + LayerNorm,
@@ -61,9 +62,13 @@ class EncoderClassifier(nnx.Module):
     return self.encoder(ids, deterministic=deterministic, probs_out=probs_out)
 
   def pool(self, encoded: Array, ids: Array) -> Array:
-    """[B, S, D] -> [B, D]: the [CLS] position, or the mean over non-padding positions."""
+    """[B, S, D] -> [B, D]: the [CLS] position, or the mean or the feature-wise
+    maximum (max-over-time, as in Kim, 2014) over the non-padding positions."""
     if self.cfg.pooling == 'cls':
       return encoded[:, 0]
+    if self.cfg.pooling == 'max':
+      real = (ids != self.cfg.pad_id)[:, :, None]  # [B, S, 1]; [CLS] is never padding.
+      return jnp.max(jnp.where(real, encoded, jnp.finfo(encoded.dtype).min), axis=1)
     valid = (ids != self.cfg.pad_id).astype(encoded.dtype)[:, :, None]  # [B, S, 1]
     return jnp.sum(encoded * valid, axis=1) / jnp.maximum(jnp.sum(valid, axis=1), 1.0)
 

@@ -13,7 +13,7 @@ from typing import Any
 import jax.numpy as jnp
 
 _FAMILIES = ('encoder_decoder', 'decoder_only', 'encoder_only')
-_POOLINGS = ('cls', 'mean')
+_POOLINGS = ('cls', 'mean', 'max')
 # The special ids of every vocabulary here (SentencePiece is trained with them; unk = 3
 # is the tokenizers' own concern): the one definition the model, the tokenizers and
 # the search share.
@@ -80,7 +80,7 @@ class TransformerConfig:
   pad_id: int = PAD_ID
   bos_id: int = BOS_ID
   num_classes: int = 2  # encoder_only: labels of the classification head.
-  pooling: str = 'cls'  # encoder_only: 'cls' (the first token) or 'mean' (masked).
+  pooling: str = 'cls'  # encoder_only: 'cls' (the first token), 'mean' or 'max' (masked).
 
   def __post_init__(self):
     problems = []
