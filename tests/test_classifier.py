@@ -339,3 +339,24 @@ def test_training_ends_with_the_dev_metrics_of_the_averaged_checkpoints(tmp_path
   config.eval.average_last = 1
   result = train.train_and_evaluate(config, str(tmp_path / 'run_no_average'))
   assert result['averaged_eval'] == {}
+
+
+def test_min_train_tokens_leaves_out_the_shorter_training_sentences(tmp_path):
+  config = _labelled_tsv_config(tmp_path)  # Sentences of 1-7 words, [CLS] + words.
+  config.data.bucket_lengths = (4, 8)
+
+  def lengths():
+    _, train_iter, eval_sets = tasks.for_config(config).get_datasets(
+        config, str(tmp_path / 'run'), process_index=0, process_count=1, batch_multiple=1)
+    real = np.concatenate([(next(train_iter)['inputs'] != 0).sum(axis=1)
+                           for _ in range(50)])
+    return real, len(eval_sets['validation'])
+
+  everything, dev = lengths()
+  assert everything.min() == 2  # [CLS] + one word.
+  config.data.min_train_tokens = 5
+  kept, kept_dev = lengths()
+  assert kept.min() == 5 and kept.max() == everything.max() and kept_dev == dev
+  config.data.min_train_tokens = 9
+  with pytest.raises(ValueError, match='min_train_tokens=9'):
+    lengths()

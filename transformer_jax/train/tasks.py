@@ -291,6 +291,13 @@ class _SentenceTask(Task):
     mlm = float(d.mlm_probability) if self.mlm else 0.0
     # Each process reads its own slice of the training sentences.
     train_ids = vocab.encode_batch(train_sentences, int(d.max_length))
+    min_tokens = int(d.get('min_train_tokens', 0))
+    if min_tokens:  # E.g. train on the longer phrases only, nearer the dev sentences.
+      keep = np.flatnonzero([len(x) >= min_tokens for x in train_ids])
+      if not len(keep):
+        raise ValueError(f'No training sentence has config.data.min_train_tokens='
+                         f'{min_tokens} tokens.')
+      train_ids, train_labels = [train_ids[i] for i in keep], train_labels[keep]
     mine = slice(process_index, None, process_count)
     train_iter = sentences_lib.SentenceBatches(
         train_ids[mine], train_labels[mine], batch_size=local, buckets=buckets,
@@ -303,7 +310,7 @@ class _SentenceTask(Task):
         mlm_probability=mlm, mask_id=vocab.mask_id, vocab_size=vocab.vocab_size,
         seed=config.seed)}
     logging.info('Data: %d training and %d dev sentences from %s, %d pieces (+[MASK]),'
-                 ' %d rows per process, buckets %s%s.', len(train_sentences),
+                 ' %d rows per process, buckets %s%s.', len(train_ids),
                  len(dev_sentences), folder, tokenizer.vocab_size, local, buckets,
                  f', masked LM p={mlm}' if mlm else '')
     return vocab, train_iter, eval_sets
