@@ -32,7 +32,6 @@ import machine  # benchmarks/machine.py
 FLAX_WMT_BEAM4_SENTENCES_PER_S = 45.0
 
 
-
 def _machine() -> str:
   device = jax.devices()[0]
   if device.platform == 'cpu':

@@ -28,7 +28,6 @@ from transformer_jax.inference.translator import Translator
 import machine  # benchmarks/machine.py
 
 
-
 def _load():
   return ', '.join(f'{x:.1f}' for x in os.getloadavg())
 

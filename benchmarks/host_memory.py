@@ -85,7 +85,6 @@ def _child_environment(variant: str) -> dict:
   return env
 
 
-
 def main(argv):
   del argv
   if _CHILD.value:

@@ -35,7 +35,6 @@ from transformer_jax.inference.translator import Translator
 import machine  # benchmarks/machine.py
 
 
-
 def _read(path, limit):
   opener = gzip.open if path.endswith('.gz') else open
   with opener(path, 'rt', encoding='utf-8') as f:
