@@ -60,6 +60,9 @@ def get_config(arg=None):
   d.mlm_probability = 0.15  # Used by train.task='mlm' (BERT Sec 3.1).
   d.word_dropout = 0.0  # Classification: the chance a training token becomes <unk>.
   d.min_train_tokens = 0  # Training sentences with fewer pieces ([CLS] too) are skipped.
+  # Batches are cut from length-sorted chunks of this many batches, so each holds
+  # sentences of about one length; 1 gives batches of random sentences (more padding).
+  d.length_group = 32
   d.label_names = ('negative', 'positive')  # GLUE SST-2: label 0, label 1.
 
   o = config.optim

@@ -24,6 +24,7 @@ from configs import sst2
 from transformer_jax.model import families
 from transformer_jax import model as model_lib
 from transformer_jax.data import sentences
+from transformer_jax.data.tokenizer import UNK_ID
 from transformer_jax import sharding
 from transformer_jax.train import tasks
 from transformer_jax.train import loop as train
@@ -70,7 +71,7 @@ def test_word_dropout_replaces_a_fraction_of_real_tokens_with_unk():
     ids[r, 1:n] = rng.integers(4, MASK, size=n - 1)
   dropped = sentences.drop_words(ids, np.random.default_rng(1), 0.2)
   changed = dropped != ids
-  assert (dropped[changed] == 3).all()  # <unk>
+  assert (dropped[changed] == UNK_ID).all()
   assert not changed[:, 0].any() and not changed[ids == 0].any()
   assert abs(changed.sum() / (ids[:, 1:] != 0).sum() - 0.2) < 0.01
 
@@ -88,7 +89,7 @@ def test_word_dropout_batches_differ_only_by_unk_and_resume_exactly():
     reference = next(plain)
     np.testing.assert_array_equal(batch['labels'], reference['labels'])
     changed = batch['inputs'] != reference['inputs']
-    assert changed.any() and (batch['inputs'][changed] == 3).all()
+    assert changed.any() and (batch['inputs'][changed] == UNK_ID).all()
   advanced = make(0.3)
   for _ in range(3):
     next(advanced)
@@ -97,6 +98,27 @@ def test_word_dropout_batches_differ_only_by_unk_and_resume_exactly():
   np.testing.assert_array_equal(next(resumed)['inputs'], first[3]['inputs'])
   with pytest.raises(ValueError, match='word_dropout'):
     make(1.0)
+
+
+def test_length_group_sorts_each_chunk_of_batches_by_length_and_1_does_not():
+  rng = np.random.default_rng(0)
+  n, rows = 192, 8
+  lengths = rng.integers(2, 31, size=n)
+  ids = [np.concatenate([[2], rng.integers(4, MASK, size=k - 1)]).astype(np.int32)
+         for k in lengths]
+  spreads = {}
+  for group in (1, 4):
+    batches = sentences.SentenceBatches(ids, np.arange(n), batch_size=rows,
+                                        buckets=(16, 32), seed=1, group=group)
+    epoch = [next(batches)['labels'][:, 0] for _ in range(n // rows)]
+    np.testing.assert_array_equal(np.sort(np.concatenate(epoch)), np.arange(n))
+    spreads[group] = np.mean([np.ptp(lengths[m]) for m in epoch])
+    for start in range(0, len(epoch), group):
+      ranges = sorted((lengths[m].min(), lengths[m].max()) for m in epoch[start:start + group])
+      for (_, high), (low, _) in zip(ranges, ranges[1:]):
+        assert high <= low  # The chunk's batches are consecutive runs of its sorted lengths.
+  # Batches of random sentences span most of the lengths; sorted chunks of 4 about a quarter.
+  assert spreads[1] > 2 * spreads[4], spreads
 
 
 def test_finetune_config_refuses_to_start_without_a_pretrained_run(tmp_path):
@@ -360,3 +382,19 @@ def test_min_train_tokens_leaves_out_the_shorter_training_sentences(tmp_path):
   config.data.min_train_tokens = 9
   with pytest.raises(ValueError, match='min_train_tokens=9'):
     lengths()
+
+
+def test_config_length_group_sets_how_alike_the_lengths_in_a_batch_are(tmp_path):
+  config = _labelled_tsv_config(tmp_path)  # 400 sentences of 1-7 words, 8 a batch.
+
+  def mean_spread(group):
+    config.data.length_group = group
+    _, train_iter, _ = tasks.for_config(config).get_datasets(
+        config, str(tmp_path / 'run'), process_index=0, process_count=1, batch_multiple=1)
+    real = [(next(train_iter)['inputs'] != 0).sum(axis=1) for _ in range(50)]
+    return np.mean([np.ptp(r) for r in real])
+
+  # Random batches span most of the 2-8 tokens; batches cut from length-sorted chunks of
+  # 10 hold sentences of one or two lengths.
+  random_batches, grouped = mean_spread(1), mean_spread(10)
+  assert random_batches > 3 and grouped < 1.5, (random_batches, grouped)

@@ -1,7 +1,7 @@
 """Transparent huge pages for XLA:CPU's per-run buffers, through glibc's malloc tunable.
 
 XLA:CPU allocates the temporaries of each executable run as one block (the
-"temporaries" of the train loop's compile line: 1.1 GiB for configs/multi30k.py's
+"temporaries" of the train loop's compile line: 0.6 GiB for configs/multi30k.py's
 step) with glibc's malloc, which serves a block that large with a fresh mmap and
 unmaps it when the run ends. Every step then faults the whole block back in, one
 4 KiB page at a time, each page zeroed by the kernel: system time that grows with
