@@ -9,8 +9,9 @@ itself with. Each compiles ``train.TrainSetup``'s jitted step for configs/multi3
 on one packed batch of 40 rows of 100 tokens (the shape of the README's figures;
 configs/multi30k.py takes 20 rows a step), runs 3 untimed steps and then ``--steps``
 timed ones, and reports wall time per step, its own user and system CPU seconds per
-step, minor page faults per step and the loss after the last step (the same in both: the tunable changes where memory comes from, not what
-is computed). Interleaved, so both see the same load.
+step, minor page faults per step and the loss after the last step (the same in both:
+the tunable changes where memory comes from, not what is computed). Interleaved, so
+both see the same load.
 """
 
 import json

@@ -398,3 +398,5 @@ def test_config_length_group_sets_how_alike_the_lengths_in_a_batch_are(tmp_path)
   # 10 hold sentences of one or two lengths.
   random_batches, grouped = mean_spread(1), mean_spread(10)
   assert random_batches > 3 and grouped < 1.5, (random_batches, grouped)
+  with pytest.raises(ValueError, match='length_group must be at least 1, got 0'):
+    mean_spread(0)

@@ -36,6 +36,7 @@ from transformer_jax.data import resumable
 from transformer_jax.data import tokenizer as tokenizer_lib
 
 _SPECIALS = 4  # pad, eos, bos, unk: never chosen as random replacements.
+LENGTH_GROUP = 32  # Batches per length-sorted chunk (config.data.length_group).
 
 
 def read_labelled_tsv(path: str) -> tuple[list[str], np.ndarray]:
@@ -180,11 +181,14 @@ class SentenceBatches(resumable.CountedBatches):
   """
 
   def __init__(self, ids: Sequence[np.ndarray], labels: np.ndarray | None, *,
-               batch_size: int, buckets: Sequence[int], seed: int, group: int = 32,
+               batch_size: int, buckets: Sequence[int], seed: int,
+               group: int = LENGTH_GROUP,
                mlm_probability: float = 0.0, mask_id: int = 0, vocab_size: int = 0,
                word_dropout: float = 0.0):
     if not 0.0 <= word_dropout < 1.0:
       raise ValueError(f'word_dropout must be in [0, 1), got {word_dropout}.')
+    if group < 1:
+      raise ValueError(f'config.data.length_group must be at least 1, got {group}.')
     self._ids, self._labels = list(ids), labels
     self._rows, self._buckets, self._seed = batch_size, tuple(buckets), seed
     self._group = group

@@ -301,8 +301,8 @@ class _SentenceTask(Task):
     mine = slice(process_index, None, process_count)
     train_iter = sentences_lib.SentenceBatches(
         train_ids[mine], train_labels[mine], batch_size=local, buckets=buckets,
-        seed=config.seed, group=int(d.get('length_group', 32)), mlm_probability=mlm,
-        mask_id=vocab.mask_id, vocab_size=vocab.vocab_size,
+        seed=config.seed, group=int(d.get('length_group', sentences_lib.LENGTH_GROUP)),
+        mlm_probability=mlm, mask_id=vocab.mask_id, vocab_size=vocab.vocab_size,
         word_dropout=0.0 if self.mlm else float(d.get('word_dropout', 0.0)))
     eval_sets = {'validation': sentences_lib.SentenceEvalSet(
         'validation', vocab.encode_batch(dev_sentences, int(d.max_length)), dev_labels,
