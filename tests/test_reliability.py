@@ -299,3 +299,16 @@ def test_one_line_messages_for_expected_failures(monkeypatch):
       'Permission denied: /ro/config.json')
   assert cli.one_line(lock_lib.WorkdirLockedError('w is in use')) == 'w is in use'
   assert cli.one_line(KeyError('a bug')) is None  # Bugs keep their traceback.
+
+
+def test_summary_writer_without_tensorflow_is_a_one_line_error(monkeypatch, tmp_path):
+  # None in sys.modules makes the import fail, as on a machine without TensorFlow;
+  # the package attribute goes too, in case another test imported the module.
+  import flax.metrics  # pylint: disable=g-import-not-at-top
+  monkeypatch.setitem(sys.modules, 'flax.metrics.tensorboard', None)
+  monkeypatch.delattr(flax.metrics, 'tensorboard', raising=False)
+  monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
+  with pytest.raises(ImportError) as raised:
+    train._summary_writer(Workdir(str(tmp_path)))
+  message = cli.one_line(raised.value)
+  assert message.startswith('TensorBoard summaries need TensorFlow') and 'tensorflow-cpu' in message

@@ -40,7 +40,8 @@ from transformer_jax.run.lock import WorkdirLockedError
 FLAGS = flags.FLAGS
 TRACEBACK_ENV = 'TRANSFORMER_JAX_TRACEBACK'
 # Errors whose message already says what is wrong and how to fix it.
-EXPECTED = (OSError, ValueError, FloatingPointError, TimeoutError, WorkdirLockedError)
+EXPECTED = (OSError, ValueError, FloatingPointError, TimeoutError, ImportError,
+            WorkdirLockedError)
 # Library errors (orbax, tensorstore) that wrap an OS condition in another type.
 _OS_CONDITIONS = {
     'No space left on device': errno.ENOSPC,

@@ -360,7 +360,12 @@ def _init_from(setup: TrainSetup, workdir: str):
 def _summary_writer(run_dir: workdir_lib.Workdir):
   if jax.process_index() != 0:
     return None
-  from flax.metrics import tensorboard
+  try:
+    from flax.metrics import tensorboard
+  except ImportError as e:
+    raise ImportError(
+        f'TensorBoard summaries need TensorFlow, which flax.metrics.tensorboard imports '
+        f'({e}): install requirements.txt (tensorflow-cpu).') from e
   return tensorboard.SummaryWriter(run_dir.tensorboard_dir)
 
 
