@@ -308,7 +308,8 @@ def test_summary_writer_without_tensorflow_is_a_one_line_error(monkeypatch, tmp_
   monkeypatch.setitem(sys.modules, 'flax.metrics.tensorboard', None)
   monkeypatch.delattr(flax.metrics, 'tensorboard', raising=False)
   monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
-  with pytest.raises(ImportError) as raised:
+  with pytest.raises(ModuleNotFoundError) as raised:
     train._summary_writer(Workdir(str(tmp_path)))
   message = cli.one_line(raised.value)
   assert message.startswith('TensorBoard summaries need TensorFlow') and 'tensorflow-cpu' in message
+  assert cli.one_line(ImportError('cannot import name x (circular import)')) is None

@@ -40,7 +40,8 @@ from transformer_jax.run.lock import WorkdirLockedError
 FLAGS = flags.FLAGS
 TRACEBACK_ENV = 'TRANSFORMER_JAX_TRACEBACK'
 # Errors whose message already says what is wrong and how to fix it.
-EXPECTED = (OSError, ValueError, FloatingPointError, TimeoutError, ImportError,
+# ModuleNotFoundError: a package missing from the environment, not a bug in ours.
+EXPECTED = (OSError, ValueError, FloatingPointError, TimeoutError, ModuleNotFoundError,
             WorkdirLockedError)
 # Library errors (orbax, tensorstore) that wrap an OS condition in another type.
 _OS_CONDITIONS = {

@@ -363,7 +363,7 @@ def _summary_writer(run_dir: workdir_lib.Workdir):
   try:
     from flax.metrics import tensorboard
   except ImportError as e:
-    raise ImportError(
+    raise ModuleNotFoundError(
         f'TensorBoard summaries need TensorFlow, which flax.metrics.tensorboard imports '
         f'({e}): install requirements.txt (tensorflow-cpu).') from e
   return tensorboard.SummaryWriter(run_dir.tensorboard_dir)
