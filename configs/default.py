@@ -115,6 +115,10 @@ def get_config(arg=None):
   # compiles included); when reached the loop saves and the final averaging and BLEU
   # run as at num_steps. 0 = none. A resumed run starts a new budget.
   t.max_minutes = 0.0
+  # With max_minutes and optim.decay='cosine': time the warm-up steps and, if the rest
+  # of the budget cannot hold num_steps, end the cosine (and space the checkpoints) at
+  # the step it can reach instead of being cut mid-decay (train/budget.py).
+  t.fit_to_budget = False
   t.profile = False
   # MFU denominator (dense bf16 TFLOP/s per device); None = look up the device kind.
   t.peak_tflops_per_device = config_dict.placeholder(float)

@@ -7,6 +7,8 @@
   (loss at every step, final parameters), through ``train_and_evaluate`` on real text;
   a SIGTERM during a step stops the run at the next step, and a second one during
   the stop's save does not end the process before the save is complete.
+* A budget fit ends the cosine and spaces the checkpoints as fitted, and holds when
+  the run is resumed.
 """
 
 import json
@@ -24,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import tiny
 from transformer_jax import sharding
+from transformer_jax.train import budget
 from transformer_jax.train import tasks
 from transformer_jax.run.workdir import Workdir
 from transformer_jax.train import flops
@@ -300,6 +303,64 @@ def test_sigterm_saves_and_resume_equals_uninterrupted(runs):
   for step, loss in full['train_loss'].items():
     assert resumed[step] == pytest.approx(loss, rel=1e-6), step
   assert full['train_loss'][6] < full['train_loss'][1]  # It learns.
+  a = _named_leaves(jax.device_get(full['state']['params']))
+  b = _named_leaves(jax.device_get(second['state']['params']))
+  for name in a:
+    np.testing.assert_allclose(b[name], a[name], rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+def test_budget_fit_ends_the_cosine_early_and_holds_on_resume(runs, tmp_path, monkeypatch,
+                                                              shared_data):
+  """The budget made to hold 10 of 20 updates at the last warm-up step (4): the run
+  ends at update 10 with the cosine at its floor and saves every 2 steps instead of
+  4; a run that the budget stops at step 6 resumes on the same fit, read from its
+  workdir, and ends with the same parameters."""
+  vocab = os.path.join(runs[0], 'vocab', 'spm.model')
+
+  def config():
+    c = _text_config(shared_data, num_steps=20, max_minutes=60.0, fit_to_budget=True,
+                     eval_every_steps=0, log_every_steps=1)
+    c.optim.decay, c.optim.warmup_steps, c.optim.final_lr_fraction = 'cosine', 4, 0.05
+    c.checkpoint.every_steps, c.checkpoint.max_to_keep = 4, 20
+    c.data.vocab_path = vocab
+    return c
+
+  fits = []
+
+  def fitted_num_steps(step, seconds_per_step, seconds_left, num_steps, accum=1):
+    fits.append((step, num_steps))
+    assert seconds_per_step > 0 and 0 < seconds_left <= 3600
+    return 10
+
+  monkeypatch.setattr(budget, 'fitted_num_steps', fitted_num_steps)
+  monkeypatch.setattr(budget, 'MIN_TIMED_STEPS', 2)
+  full_dir = str(tmp_path / 'full')
+  full = train.train_and_evaluate(config(), full_dir)
+  assert fits == [(4, 20)]
+  assert full['step'] == 10 and not full['out_of_time']
+  assert Workdir.open(full_dir).steps() == [4, 6, 8, 10]
+  with open(os.path.join(full_dir, 'config.json')) as f:
+    saved = json.load(f)
+  assert (saved['train']['num_steps'], saved['checkpoint']['every_steps']) == (10, 2)
+  c = config()
+  peak = c.optim.learning_rate_scale * c.model.d_model**-0.5 * 4**-0.5
+  assert full['setup'].learning_rate(3) == pytest.approx(peak, rel=1e-5)
+  assert full['setup'].learning_rate(9) == pytest.approx(0.05 * peak, rel=1e-5)
+
+  agree, calls = train._agree, []
+
+  def budget_ends_at_step_6(flag):
+    calls.append(flag)
+    return len(calls) == 6
+
+  monkeypatch.setattr(train, '_agree', budget_ends_at_step_6)
+  resumed_dir = str(tmp_path / 'resumed')
+  first = train.train_and_evaluate(config(), resumed_dir)
+  assert first['step'] == 6 and first['out_of_time'] and len(fits) == 2
+  monkeypatch.setattr(train, '_agree', agree)
+  second = train.train_and_evaluate(config(), resumed_dir)
+  assert len(fits) == 2  # Read from budget_fit.json, not fitted again.
+  assert second['step'] == 10 and not second['out_of_time']
   a = _named_leaves(jax.device_get(full['state']['params']))
   b = _named_leaves(jax.device_get(second['state']['params']))
   for name in a:

@@ -45,6 +45,7 @@ from transformer_jax.run import checkpoint as checkpoint_lib
 from transformer_jax.run import lock as lock_lib
 from transformer_jax.run import workdir as workdir_lib
 from transformer_jax.train import flops as flops_lib
+from transformer_jax.train import budget
 from transformer_jax.train import optim
 
 Batch = dict[str, Any]
@@ -144,6 +145,12 @@ class TrainSetup:
     return cls(config=config, model_cfg=model_cfg, task=task, mesh=mesh, rules=rules,
                graphdef=graphdef, rest=rest, tx=tx, state_shardings=shardings,
                abstract_state=checkpoint_lib.with_shardings(abstract, shardings))
+
+  def with_config(self, config) -> 'TrainSetup':
+    """This setup for ``config`` whose cosine ends at another ``train.num_steps`` (a
+    budget fit): an optimizer with the same state structure, compiled anew."""
+    tx = optim.make_optimizer(config.optim, self.model_cfg.d_model, config.train.num_steps)
+    return dataclasses.replace(self, config=config, tx=tx, _compiled={})
 
   def init_state(self) -> dict:
     """Fresh parameters and optimizer state, created directly with their shardings."""
@@ -407,6 +414,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
 def _train_locked(config, workdir: str, start_time: float) -> dict:
   # Nothing but the lock (and a fresh run's vocabulary) is written into the
   # workdir before the restart is known to fit: mesh, vocabulary, shapes.
+  budget_fit = budget.read(workdir) if budget.applies(config) else None
+  if budget_fit is not None:
+    config = budget.apply(config, budget_fit)
+    logging.info('The budget fit made at step %d holds: the cosine ends at update %d, '
+                 'checkpoints every %d steps (%s).', budget_fit.fitted_at_step,
+                 budget_fit.num_steps, budget_fit.checkpoint_every_steps, budget.FIT_FILE)
   mesh = sharding.create_mesh(config.mesh)
   # Every local device holding a batch shard gets whole rows.
   local_batch_shards = max(1, sharding.batch_divisor(mesh) // jax.process_count())
@@ -462,6 +475,11 @@ def _train_locked(config, workdir: str, start_time: float) -> dict:
   out_of_time = False
   guard = _FiniteGuard(int(config.optim.get('skip_nonfinite_updates', 0) or 0), ckpt)
   previous_sums = None
+  # The fit is made once, at the last warm-up step: the learning rates so far do not
+  # depend on where the cosine ends.
+  fit_step = (config.optim.warmup_steps * accum if budget.applies(config) and
+              budget_fit is None and max_minutes else None)
+  timed_from = None  # (time, step) after the first compiled step.
   try:
     while step < total_steps:
       local = next(train_iter)
@@ -482,11 +500,25 @@ def _train_locked(config, workdir: str, start_time: float) -> dict:
       if len(setup._compiled) != compiles:  # Time compiling is not step time.
         jax.block_until_ready(sums)
         window_start, window_flops, skip_tokens = time.time(), 0.0, step
+        timed_from = timed_from or (window_start, step)
       else:
         window_flops += setup.task.train_flops(setup.model_cfg, batch)
       pending.append((step, sums))
       if profiler is not None:
         profiler(step - skip_tokens, step)
+
+      if step == fit_step:
+        budget_fit = _fit_to_budget(config, step, timed_from, start_time)
+        if budget_fit is not None:
+          config = budget.apply(config, budget_fit)
+          setup = setup.with_config(config)
+          total_steps = config.train.num_steps * accum
+          run_dir.close()  # The checkpointer saves at the fitted interval from now on.
+          run_dir = workdir_lib.Workdir(workdir, config)
+          run_dir.write_config(config)
+          ckpt = guard.ckpt = run_dir.checkpointer(read_only=False)
+          if jax.process_index() == 0:
+            budget.write(workdir, budget_fit)
 
       if config.checkpoint.async_save:
         ckpt.check_for_errors()  # A failed background save (full disk) stops the run.
@@ -621,6 +653,37 @@ def _averaged_eval(setup: TrainSetup, workdir: str, eval_set, config, step: int,
                                   **{f'eval_averaged/{n}': v for n, v in extra.items()}})
     writer.flush()
   return dict(metrics, steps=list(restored.steps))
+
+
+def _fit_to_budget(config, step: int, timed_from, start_time: float
+                   ) -> budget.BudgetFit | None:
+  """The budget fit at ``step`` (process 0's, on every process), logged; None when
+  the configured schedule fits or too few steps were timed to tell."""
+  timed = step - timed_from[1] if timed_from else 0
+  if timed < budget.MIN_TIMED_STEPS:
+    logging.warning('train.fit_to_budget: only %d steps timed by step %d; the schedule '
+                    'stays as configured.', timed, step)
+    return None
+  now = time.time()
+  seconds_per_step = (now - timed_from[0]) / timed
+  seconds_left = 60 * float(config.train.max_minutes) - (now - start_time)
+  fitted = budget.fit(config, step, seconds_per_step, seconds_left)
+  if jax.process_count() > 1:  # Every process trains on process 0's fit.
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    ends, every = multihost_utils.broadcast_one_to_all(np.asarray(
+        [fitted.num_steps, fitted.checkpoint_every_steps] if fitted else [0, 0], np.int64))
+    fitted = budget.BudgetFit(int(ends), int(every), step, seconds_per_step,
+                              float(config.train.max_minutes)) if ends else None
+  if fitted is None:
+    logging.info('train.fit_to_budget: %.3g s/step leaves room for all %d updates in '
+                 'the budget; the schedule stays.', seconds_per_step, config.train.num_steps)
+  else:
+    logging.info('train.fit_to_budget: %.3g s/step over steps %d-%d; the %g-minute '
+                 'budget holds ~%d updates: the cosine now ends there (was %d), '
+                 'checkpoints every %d steps.', seconds_per_step, timed_from[1], step,
+                 config.train.max_minutes, fitted.num_steps, config.train.num_steps,
+                 fitted.checkpoint_every_steps)
+  return fitted
 
 
 def _agree(flag: bool) -> bool:
