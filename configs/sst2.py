@@ -16,6 +16,12 @@ fine-tuning from it (``:finetune``: 500 steps at a lower peak learning rate):
   echo "a gorgeous , witty , seductive movie ." | \
       .venv/bin/python -m transformer_jax.classify --workdir=runs/sst2
 
+An ensemble of six seeds of ``:member`` (1,000 steps each), their class
+probabilities averaged: 82.00% dev accuracy from ~17 minutes of training in all
+(README):
+
+  bash experiments/sst2_ensemble.sh runs/sst2_ensemble
+
 67,349 training and 872 dev sentences (GLUE's split); a word-level SentencePiece
 vocabulary of the 9,999 commonest training words (+ [MASK]); a small pre-LN encoder
 read by the masked mean of its outputs. The training phrases are pieces of ~8.5k
@@ -105,6 +111,12 @@ def get_config(arg=None):
     t.num_steps = 500
     t.eval_every_steps = 100
     config.eval.average_last = 1  # Averaging fine-tuning checkpoints measured lower.
+  elif arg == 'member':
+    # One seed of the ensemble experiments/sst2_ensemble.sh trains: half the steps,
+    # so six fit the 20 minutes, and the same share of the run between checkpoints.
+    t.num_steps = 1000
+    c.every_steps = 100
   elif arg:
-    raise ValueError(f'configs/sst2.py takes no argument, "mlm" or "finetune", got {arg!r}.')
+    raise ValueError('configs/sst2.py takes no argument, "mlm", "finetune" or "member", '
+                     f'got {arg!r}.')
   return config

@@ -156,7 +156,8 @@ def test_model_defaults_are_transformer_config_defaults():
 
 
 @pytest.mark.parametrize('module, arg', [('lm_shakespeare', None), ('sst2', None),
-                                         ('sst2', 'mlm'), ('modern', None)])
+                                         ('sst2', 'mlm'), ('sst2', 'member'),
+                                         ('modern', None)])
 def test_family_configs_build_their_model_config(module, arg):
   config = importlib.import_module(f'configs.{module}').get_config(arg)
   cfg = model_lib.TransformerConfig.from_config(config.model, config.data.vocab_size)

@@ -4,10 +4,13 @@
   SentencePiece pieces + [MASK]); a run of another family is a one-line error.
 * ``sample`` and ``classify`` take the shared flags (``--checkpoint_step``,
   ``--average_last``, ``--input``/``--output``) and print what the Python API returns.
+* An ensemble of classifiers (comma-separated workdirs) gives the mean of its members'
+  probabilities, and ``--labelled`` prints its accuracy on a labelled file.
 * A fine-tuning run (``train.init_from``) reads its parent's vocabulary.
 """
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -85,6 +88,37 @@ def test_classify_cli_prints_what_the_classifier_returns(classifier_run, lm_run,
   assert result.stderr.strip().splitlines()[-1].startswith(
       f'classify: {lm_run.path} holds a decoder_only model; classify needs an '
       'encoder_only one')
+
+
+def test_an_ensemble_averages_its_members_probabilities(classifier_run, tmp_path):
+  from transformer_jax import classify
+  # A second member: the same run without its step-6 checkpoint (its latest is 3).
+  other = tmp_path / 'other'
+  shutil.copytree(classifier_run.path, other)
+  shutil.rmtree(other / 'checkpoints' / '6')
+  members = [classify.load_classifier(p, average_last=1) for p in (classifier_run.path, other)]
+  lines = ['the cat runs', 'a big red dog sleeps on cat', 'small bird', 'red cat']
+  (p6, e6), (p3, e3) = (m.predict(lines) for m in members)
+  assert not np.allclose(p6, p3)  # Two different models.
+  ensemble = classify.load_ensemble([classifier_run.path, str(other)])
+  probs, pooled = ensemble.predict(lines)
+  np.testing.assert_allclose(probs, (p6 + p3) / 2, rtol=1e-6)
+  np.testing.assert_allclose(pooled, np.concatenate([e6, e3], axis=-1), rtol=1e-6)
+  # The ensemble's own predictions with the first one flipped: 3 of 4 right.
+  labels = np.argmax(probs, axis=-1)
+  labels[0] = 1 - labels[0]
+  tsv = tmp_path / 'dev.tsv'
+  tsv.write_text('sentence\tlabel\n' + ''.join(
+      f'{line}\t{label}\n' for line, label in zip(lines, labels)), encoding='utf-8')
+  assert classify.accuracy(ensemble, lines, labels) == 0.75
+  result = _cli('classify', f'--workdir={classifier_run.path},{other}', f'--labelled={tsv}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout == f'accuracy 75.00% (3 of 4 sentences of {tsv})\n'
+  result = _cli('classify', f'--workdir={classifier_run.path}', f'--labelled={tsv}',
+                '--embeddings')
+  assert result.returncode == 1 and 'Traceback' not in result.stderr
+  assert result.stderr.strip().splitlines()[-1] == (
+      'classify: --labelled scores a labelled file; it takes no --input or --embeddings.')
 
 
 def test_a_fine_tuning_run_reads_its_parents_vocabulary(classifier_run, tmp_path):
