@@ -119,6 +119,12 @@ def test_an_ensemble_averages_its_members_probabilities(classifier_run, tmp_path
   assert result.returncode == 1 and 'Traceback' not in result.stderr
   assert result.stderr.strip().splitlines()[-1] == (
       'classify: --labelled scores a labelled file; it takes no --input or --embeddings.')
+  empty = tmp_path / 'empty.tsv'
+  empty.write_text('sentence\tlabel\n', encoding='utf-8')
+  result = _cli('classify', f'--workdir={classifier_run.path}', f'--labelled={empty}')
+  assert result.returncode == 1 and 'Traceback' not in result.stderr
+  assert result.stderr.strip().splitlines()[-1] == (
+      f'classify: {empty} holds no labelled sentences to score.')
 
 
 def test_a_fine_tuning_run_reads_its_parents_vocabulary(classifier_run, tmp_path):

@@ -144,13 +144,16 @@ def main(f: flags.FlagValues) -> None:
       raise ValueError('--labelled scores a labelled file; it takes no --input or --embeddings.')
     from transformer_jax.data import sentences as sentences_lib  # pylint: disable=g-import-not-at-top
     lines, labels = sentences_lib.read_labelled_tsv(f.labelled)
-    classifier = load_ensemble(workdirs, step=f.checkpoint_step, average_last=f.average_last)
+    if not lines:
+      raise ValueError(f'{f.labelled} holds no labelled sentences to score.')
+  else:
+    lines = cli.read_lines(f.input, 'classify')
+  classifier = load_ensemble(workdirs, step=f.checkpoint_step, average_last=f.average_last)
+  if f.labelled:
     right = accuracy(classifier, lines, labels)
     cli.write_output(f.output, f'accuracy {100 * right:.2f}% ({round(right * len(lines))} of '
                      f'{len(lines)} sentences of {f.labelled})\n')
     return
-  lines = cli.read_lines(f.input, 'classify')
-  classifier = load_ensemble(workdirs, step=f.checkpoint_step, average_last=f.average_last)
   probs, pooled = classifier.predict(lines)
   out = []
   for line, p, e in zip(lines, probs, pooled):
