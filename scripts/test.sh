@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -q -p no:cacheprovider tests "$@"
+# Two pytest workers, each test file on one (its module fixtures built once): XLA
+# compiles on one thread, so a second worker keeps the other core busy meanwhile.
+exec .venv/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile tests "$@"
