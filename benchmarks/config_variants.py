@@ -72,7 +72,7 @@ def variant_config(overrides: dict[str, object]):
   """configs/multi30k.py with ``overrides`` applied, on one device."""
   config = multi30k.get_config(_CONFIG_ARG.value or None)
   for key, value in overrides.items():
-    node, *path, leaf = ['config'] + key.split('.')
+    *path, leaf = key.split('.')
     target = config
     for part in path:
       if part not in target:
