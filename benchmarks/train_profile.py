@@ -114,13 +114,17 @@ def instruction_parts(hlo_text: str) -> dict[str, str]:
     frames[k] = (int(re.search(r'file_location_id=(\d+)', v)[1]),
                  int(re.search(r'parent_frame_id=(\d+)', v)[1]))
 
+  # Some XLA versions print a frame's parent as the parent's id plus one (every
+  # root frame then names itself, which the other reading cannot mean).
+  offset = 1 if any(k == parent for k, (_, parent) in frames.items()) else 0
+
   def stack(frame_id):
     names, seen = [], set()
     while frame_id in frames and frame_id not in seen:
       seen.add(frame_id)
       location, parent = frames[frame_id]
       names.append(location_function.get(location, ''))
-      frame_id = parent
+      frame_id = parent - offset
     return names  # Innermost first.
 
   def part_of(frame_id):
