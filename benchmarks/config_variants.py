@@ -22,9 +22,7 @@ its per-step figure says nothing about sentences a second by itself.
 
 import ast
 import os
-import resource
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -37,17 +35,13 @@ from transformer_jax import sharding  # noqa: E402
 from transformer_jax.train import loop as train  # noqa: E402
 
 import machine  # noqa: E402
+import timing  # noqa: E402
 
 _VARIANTS = flags.DEFINE_multi_string(
     'variant', [], 'NAME:KEY=VALUE[,KEY=VALUE...], config overrides without "--config.".')
 _CONFIG_ARG = flags.DEFINE_string('config_arg', '', 'configs/multi30k.py argument.')
 _STEPS = flags.DEFINE_integer('steps', 4, 'Steps a timed block.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed blocks a variant, interleaved.')
-
-
-def _cpu_seconds() -> float:
-  usage = resource.getrusage(resource.RUSAGE_SELF)
-  return usage.ru_utime + usage.ru_stime
 
 
 def parse_variant(spec: str) -> tuple[str, dict[str, object]]:
@@ -111,16 +105,12 @@ def main(argv):
     run()
     run()
     params = sum(x.size for x in jax.tree.leaves(holder['state']['params']))
-    variants[name] = {'run': run, 'walls': [], 'cpus': [], 'slots': rows * length,
-                      'params': params}
+    variants[name] = {'run': run, 'slots': rows * length, 'params': params}
   load_before = os.getloadavg()[0]
-  for _ in range(_REPEATS.value):
-    for v in variants.values():
-      cpu0, wall0 = _cpu_seconds(), time.perf_counter()
-      for _ in range(_STEPS.value):
-        v['run']()
-      v['walls'].append((time.perf_counter() - wall0) / _STEPS.value)
-      v['cpus'].append((_cpu_seconds() - cpu0) / _STEPS.value)
+  times = timing.interleaved({n: v['run'] for n, v in variants.items()}, _STEPS.value,
+                             _REPEATS.value)
+  for name, v in variants.items():
+    v.update(times[name])
   print(f'Machine: {machine.cpu_model()}, {os.cpu_count()} cores, one device; load average '
         f'{load_before:.2f} before, {os.getloadavg()[0]:.2f} after; '
         f'{_REPEATS.value} interleaved blocks of {_STEPS.value} steps, fp32.')

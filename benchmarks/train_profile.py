@@ -31,10 +31,8 @@ import collections
 import glob
 import os
 import re
-import resource
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -49,6 +47,8 @@ import optax  # noqa: E402
 from transformer_jax import sharding  # noqa: E402
 from transformer_jax.train import loop as train  # noqa: E402
 from transformer_jax.train import optim  # noqa: E402
+
+import timing  # noqa: E402
 
 CONFIGS = {
     # configs/multi30k.py's default (3+3 layers, d_model 256, d_ff 1024) and its
@@ -84,11 +84,6 @@ _BATCH = flags.DEFINE_string('batch', '85x48', 'Rows x padded length (a Multi30k
 _VOCAB = flags.DEFINE_integer('vocab', 8000, 'Vocabulary size.')
 _STEPS = flags.DEFINE_integer('steps', 5, 'Profiled steps.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed blocks of --steps steps.')
-
-
-def _cpu_seconds() -> float:
-  usage = resource.getrusage(resource.RUSAGE_SELF)
-  return usage.ru_utime + usage.ru_stime
 
 
 def instruction_parts(hlo_text: str) -> dict[str, str]:
@@ -215,16 +210,13 @@ def main(argv):
     run()
     run()
     variants[name] = {'run': run, 'parts': instruction_parts(compiled.as_text()),
-                      'holder': holder, 'walls': [], 'cpus': []}
+                      'holder': holder}
   params = sum(x.size for x in jax.tree.leaves(variants['after']['holder']['state']['params']))
   load_before = os.getloadavg()[0]
-  for _ in range(_REPEATS.value):  # Interleaved, so both see the same load.
-    for v in variants.values():
-      cpu0, wall0 = _cpu_seconds(), time.perf_counter()
-      for _ in range(_STEPS.value):
-        v['run']()
-      v['walls'].append((time.perf_counter() - wall0) / _STEPS.value)
-      v['cpus'].append((_cpu_seconds() - cpu0) / _STEPS.value)
+  times = timing.interleaved({n: v['run'] for n, v in variants.items()}, _STEPS.value,
+                             _REPEATS.value)
+  for name, v in variants.items():
+    v.update(times[name])
   for v in variants.values():
     thunks = profile_thunks(v['run'], _STEPS.value)
     v['by_part'] = collections.Counter()
