@@ -49,12 +49,12 @@ def parse_variant(spec: str) -> tuple[str, dict[str, object]]:
   literals where they parse as one, else strings."""
   name, sep, body = spec.partition(':')
   if not sep or not name or not body:
-    raise ValueError(f'--variant={spec!r}: expected NAME:KEY=VALUE[,KEY=VALUE...]')
+    raise app.UsageError(f'--variant={spec!r}: expected NAME:KEY=VALUE[,KEY=VALUE...]')
   overrides = {}
   for item in body.split(','):
     key, eq, value = item.partition('=')
     if not eq:
-      raise ValueError(f'--variant={spec!r}: {item!r} is not KEY=VALUE')
+      raise app.UsageError(f'--variant={spec!r}: {item!r} is not KEY=VALUE')
     try:
       overrides[key.strip()] = ast.literal_eval(value.strip())
     except (ValueError, SyntaxError):
@@ -69,11 +69,11 @@ def variant_config(overrides: dict[str, object]):
     *path, leaf = key.split('.')
     target = config
     for part in path:
-      if part not in target:
-        raise ValueError(f'no config field {key!r}')
+      if not hasattr(target, 'keys') or part not in target:
+        raise app.UsageError(f'no config field {key!r}')
       target = target[part]
-    if leaf not in target:
-      raise ValueError(f'no config field {key!r}')
+    if not hasattr(target, 'keys') or leaf not in target:
+      raise app.UsageError(f'no config field {key!r}')
     target[leaf] = value
   config.mesh.data = 1
   return config
