@@ -32,6 +32,7 @@ from configs import default  # noqa: E402
 from transformer_jax import sharding  # noqa: E402
 from transformer_jax.train import flops  # noqa: E402
 from transformer_jax.train import loop as train  # noqa: E402
+import timing  # noqa: E402
 
 SHAPES = {
     # name: (model overrides, vocab, batch, length)
@@ -45,13 +46,6 @@ _DTYPES = flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Compute dtypes.'
 _STEPS = flags.DEFINE_integer('steps', 0, 'Timed steps (0: 20 for tiny, 4 for base).')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compiling.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed blocks; the fastest is reported.')
-
-
-def _cpu_seconds() -> float:
-  """CPU time of this process, all threads: less sensitive than wall time to
-  other processes sharing the cores."""
-  usage = resource.getrusage(resource.RUSAGE_SELF)
-  return usage.ru_utime + usage.ru_stime
 
 
 def matmul_peak_flops(n: int = 2048, reps: int = 10) -> float:
@@ -94,12 +88,12 @@ def bench(shape: str, dtype: str, steps: int, warmup: int, peak: float,
   # the fastest (as timeit does), with the median beside it.
   walls, cpus = [], []
   for _ in range(repeats):
-    cpu_start, start = _cpu_seconds(), time.perf_counter()
+    cpu_start, start = timing.cpu_seconds(), time.perf_counter()
     for i in range(steps):
       state, sums = setup.train_step(state, batches[i % 2])
     jax.block_until_ready((state, sums))
     walls.append((time.perf_counter() - start) / steps)
-    cpus.append((_cpu_seconds() - cpu_start) / steps)
+    cpus.append((timing.cpu_seconds() - cpu_start) / steps)
   step_s, cpu_s = min(walls), cpus[int(np.argmin(walls))]
   tokens_s = batch * length / step_s
   step_flops = flops.train_flops(setup.model_cfg, batch, length, length)
