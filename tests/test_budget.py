@@ -25,6 +25,7 @@ def test_fitted_num_steps_on_known_values():
 def test_fit_moves_the_cosine_end_and_the_checkpoints_with_it():
   config = multi30k.get_config()
   assert budget.applies(config)
+  config.train.num_steps, config.checkpoint.every_steps = 7600, 400
   # 0.8 s/step, 3,000 s left at step 300: 300 + 3000 * 0.97 / 0.8 = 3,937 updates.
   fit = budget.fit(config, 300, 0.8, 3000.0)
   assert fit.num_steps == 3937
