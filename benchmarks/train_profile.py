@@ -1,6 +1,7 @@
 """Where the train step's time goes on this machine: a per-part breakdown from jax's profiler.
 
-  .venv/bin/python benchmarks/train_profile.py [--config=multi30k|multi30k_tiny] [--batch=85x48]
+  .venv/bin/python benchmarks/train_profile.py [--config=multi30k|multi30k_tiny] [--batch=85x48] \
+      [--d_ff=1024]
 
 Compiles ``train.TrainSetup``'s jitted step (the one training uses) for one batch
 shape of the Multi30k bucketing, runs it under ``jax.profiler`` and sums the
@@ -51,7 +52,7 @@ from transformer_jax.train import optim  # noqa: E402
 import timing  # noqa: E402
 
 CONFIGS = {
-    # configs/multi30k.py's default (3+3 layers, d_model 256, d_ff 1024) and its
+    # configs/multi30k.py's default (3+3 layers, d_model 256, d_ff 512) and its
     # Transformer-Tiny variant (configs/multi30k.py:tiny).
     'multi30k': None,
     'multi30k_tiny': 'tiny',
@@ -82,6 +83,7 @@ _CONFIG = flags.DEFINE_enum('config', 'multi30k', list(CONFIGS), 'Model shapes.'
 _BATCH = flags.DEFINE_string('batch', '85x48', 'Rows x padded length (a Multi30k '
                              'bucket of 4096 tokens).')
 _VOCAB = flags.DEFINE_integer('vocab', 8000, 'Vocabulary size.')
+_D_FF = flags.DEFINE_integer('d_ff', 0, "FFN width (0: the config's).")
 _STEPS = flags.DEFINE_integer('steps', 5, 'Profiled steps.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed blocks of --steps steps.')
 
@@ -189,6 +191,8 @@ def main(argv):
   del argv
   rows, length = (int(x) for x in _BATCH.value.split('x'))
   config = multi30k.get_config(CONFIGS[_CONFIG.value])
+  if _D_FF.value:
+    config.model.d_ff = _D_FF.value
   config.mesh.data = 1
   mesh = sharding.create_mesh(config.mesh, jax.devices()[:1])
   rng = np.random.RandomState(0)
@@ -224,8 +228,8 @@ def main(argv):
       v['by_part'][v['parts'].get(thunk, 'other')] += seconds / _STEPS.value
   print(f'Machine: {os.cpu_count()}-core CPU ({jax.devices()[0].device_kind}), one device; '
         f'load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after. Config '
-        f'{_CONFIG.value} ({params:,} parameters), batch {rows}x{length}, vocab '
-        f'{_VOCAB.value}, fp32.')
+        f'{_CONFIG.value} (d_ff {config.model.d_ff}, {params:,} parameters), batch '
+        f'{rows}x{length}, vocab {_VOCAB.value}, fp32.')
   print(f'{"variant":8} {"CPU ms/step":>12} {"wall ms (fastest)":>18} {"wall median":>12} '
         f'{"tgt tok/s":>10} {"loss":>8}')
   for name, v in variants.items():
