@@ -13,9 +13,9 @@ checkpoints and length penalty alpha 1.0. Run as written on a 2-core AMD EPYC at
 than half the speed of the fastest one seen, the hour held 4,587 updates: validation
 39.70 sacreBLEU, test2016 38.85 sacreBLEU, 39.34 lower-cased tokenized. With the 5,490
 updates of a somewhat faster machine's hour fixed by hand: validation 40.89, test2016
-39.64 sacreBLEU, 40.12 lower-cased tokenized. With d_ff 1024
-and dropout 0.2 the fastest machine made 7,600 steps in 54.6 minutes: validation
-41.20, test2016 40.12 sacreBLEU, 40.64 lower-cased tokenized; README, Results.
+39.64 sacreBLEU, 40.12 lower-cased tokenized. With d_ff 1024 and dropout 0.2 the
+fastest machine made 7,600 steps in 54.6 minutes: validation 41.20, test2016 40.12
+sacreBLEU, 40.64 lower-cased tokenized; README, Results.
 
 ``configs/multi30k.py:tiny``: Wu et al. 2021's Transformer-Tiny recipe ("Good for
 Misconceived Reasons": 4+4 layers, d_model 128, d_ff 256, 4 heads, dropout 0.3, beam 5,
@@ -59,7 +59,7 @@ def get_config(arg=None):
   d.packing = True
   d.eval_batch_size = 128
 
-  # The paper's P_drop. The hour holds 23-40 epochs of 29k pairs, too few for a
+  # The paper's P_drop. The hour holds 19-40 epochs of 29k pairs, too few for a
   # stronger regulariser: 0.3 (Wu et al.) measured lower on validation than 0.2, and
   # 0.2 lower than 0.1 at the updates a half-speed machine makes (README, Results).
   m.dropout_rate = 0.1
