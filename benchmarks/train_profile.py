@@ -191,6 +191,9 @@ def main(argv):
   del argv
   rows, length = (int(x) for x in _BATCH.value.split('x'))
   config = multi30k.get_config(CONFIGS[_CONFIG.value])
+  if _D_FF.value < 0:
+    raise app.UsageError(f"--d_ff={_D_FF.value}: the FFN width must be positive "
+                         "(0: the config's)")
   if _D_FF.value:
     config.model.d_ff = _D_FF.value
   config.mesh.data = 1

@@ -59,9 +59,10 @@ def get_config(arg=None):
   d.packing = True
   d.eval_batch_size = 128
 
-  # The paper's P_drop. The hour holds 19-40 epochs of 29k pairs, too few for a
-  # stronger regulariser: 0.3 (Wu et al.) measured lower on validation than 0.2, and
-  # 0.2 lower than 0.1 at the updates a half-speed machine makes (README, Results).
+  # The paper's P_drop. The hour holds 19 epochs of 29k pairs on the slowest machine
+  # measured (~40 estimated on the fastest), too few for a stronger regulariser: 0.3
+  # (Wu et al.) measured lower on validation than 0.2, and 0.2 lower than 0.1 at the
+  # updates a half-speed machine makes (README, Results).
   m.dropout_rate = 0.1
 
   o = config.optim
